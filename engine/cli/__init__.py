@@ -1,0 +1,1 @@
+"""Command groups of `python -m engine`: each module has `register(subparsers)`."""

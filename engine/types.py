@@ -1,0 +1,172 @@
+"""Plain, torch-free request and result types shared by the engine, the CLI and the UI."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+APPLIES_TO = ("both", "high_noise", "low_noise")
+WEIGHT_LIMIT = 10.0
+OFFLOAD_CHOICES = ("auto", "none", "model", "group", "sequential")
+
+
+class WanStackError(Exception):
+    """Base of every error that carries a message meant for the user."""
+
+
+class RequestError(WanStackError, ValueError):
+    """A request field is out of range; the message names the field, the value and the fix."""
+
+
+class GenerationCancelled(WanStackError):
+    """The user stopped a generation between two steps."""
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """One row of a stack. `file` is relative to the LoRA folder (or an absolute path on the CLI)."""
+
+    file: str
+    weight: float = 1.0
+    applies_to: str = "both"
+    low_noise_weight: float | None = None
+    enabled: bool = True
+    sha256: str | None = None
+
+    def __post_init__(self):
+        if not self.file or not isinstance(self.file, str):
+            raise RequestError("LoRA entry has no file; pick a LoRA file for every row")
+        if self.applies_to not in APPLIES_TO:
+            raise RequestError(
+                f"applies_to {self.applies_to!r} for {self.file} is not one of {', '.join(APPLIES_TO)}"
+            )
+        for name in ("weight", "low_noise_weight"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or value != value or abs(value) > WEIGHT_LIMIT:
+                raise RequestError(
+                    f"{name} {value} for {self.file} must be a number between -{WEIGHT_LIMIT:g} and {WEIGHT_LIMIT:g}"
+                )
+
+    def weight_for(self, expert: str) -> float:
+        """The strength on one expert ('high_noise', 'low_noise' or 'single'); 0 where it does not act."""
+        if not self.enabled:
+            return 0.0
+        if expert == "single":
+            return float(self.weight)
+        if self.applies_to not in ("both", expert):
+            return 0.0
+        if expert == "low_noise" and self.low_noise_weight is not None:
+            return float(self.low_noise_weight)
+        return float(self.weight)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraEntry":
+        if not isinstance(d, dict):
+            raise RequestError(f"a stack entry must be an object with 'file' and 'weight', got {d!r}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise RequestError(f"unknown stack entry field(s) {sorted(unknown)}; allowed: file, weight, applies_to, low_noise_weight, enabled, sha256")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise RequestError(f"bad stack entry {d!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Stack:
+    """An ordered list of LoRA entries for one model type."""
+
+    entries: tuple[LoraEntry, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "entries", tuple(self.entries))
+
+    def enabled_for(self, expert: str) -> list[LoraEntry]:
+        """Enabled entries that act on `expert` (what the per-expert cap counts)."""
+        return [e for e in self.entries if e.enabled and _acts_on(e, expert)]
+
+    def fingerprint(self, hashes: dict[str, str] | None = None) -> str:
+        """Hash of (file sha256, weights, applies_to, enabled): an unchanged stack is never re-applied."""
+        hashes = hashes or {}
+        rows = [
+            [hashes.get(e.file) or e.sha256 or e.file, e.weight, e.applies_to, e.low_noise_weight, e.enabled]
+            for e in self.entries
+        ]
+        return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.entries]
+
+    @classmethod
+    def from_list(cls, rows: list[dict[str, Any]] | None) -> "Stack":
+        if rows is None:
+            return cls()
+        if not isinstance(rows, list):
+            raise RequestError("stack must be a JSON list of entries like [{\"file\": \"x.safetensors\", \"weight\": 1.0}]")
+        return cls(tuple(LoraEntry.from_dict(r) for r in rows))
+
+
+def _acts_on(entry: LoraEntry, expert: str) -> bool:
+    return expert == "single" or entry.applies_to in ("both", expert)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one generation needs. Validated against the model's catalog spec at the engine's door."""
+
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    image: str | None = None
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    fps: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    guidance_2: float | None = None
+    seed: int | None = None
+    shift: float | None = None
+    stack: Stack = field(default_factory=Stack)
+    offload: str = "auto"
+    skip_failing_loras: bool = False
+    vram_reserve_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One denoising step, reported to the UI/CLI callback."""
+
+    step: int
+    total: int
+    seconds: float
+    expert: str
+    preview: Any = None  # PIL.Image of the current latents (a grid or strip of frames), or None
+
+
+@dataclass
+class GenerationResult:
+    path: str
+    seed: int
+    frames: int
+    width: int
+    height: int
+    fps: int
+    seconds: float
+    offload: str
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    model_type: str = ""
+    steps: int = 0
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
