@@ -1,0 +1,384 @@
+"""Named LoRA stacks on disk: `presets/<slug>.json`, atomic writes, schema checks, Wan2GP `.lset` import.
+
+Standard library only (plus the torch-free engine.types / engine.catalog), so `ui/` can import it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from engine.catalog import CATALOG
+from engine.types import LoraEntry, RequestError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+MAX_NAME_CHARS = 80
+MAX_PRESET_BYTES = 1 << 20  # an import larger than this is not a preset
+_KEYS = {"schema", "name", "model_type", "entries", "notes", "created", "updated"}
+
+
+class PresetError(RequestError):
+    """A preset name, file or import is unusable; the message says which and what to do."""
+
+
+@dataclass
+class Preset:
+    name: str
+    model_type: str
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    notes: str = ""
+    created: str = ""
+    updated: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "name": self.name,
+            "model_type": self.model_type,
+            "entries": [dict(e) for e in self.entries],
+            "notes": self.notes,
+            "created": self.created,
+            "updated": self.updated,
+        }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_name(name: Any) -> str:
+    """A preset's display name, trimmed; refuses names that could address another folder."""
+    if not isinstance(name, str) or not name.strip():
+        raise PresetError("preset name is empty; type a name such as 'Fast anime'")
+    name = name.strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise PresetError(f"preset name is {len(name)} characters; keep it under {MAX_NAME_CHARS}")
+    if "/" in name or "\\" in name or ".." in name or any(unicodedata.category(c)[0] == "C" for c in name):
+        raise PresetError(
+            f"preset name {name!r} contains a path separator, '..' or a control character; "
+            "use letters, digits, spaces, '-' or '_'"
+        )
+    return name
+
+
+def slugify(name: str) -> str:
+    """File stem for a preset name: lowercase ASCII letters, digits, '-' and '_'."""
+    name = check_name(name)
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9_-]+", "-", ascii_name.lower()).strip("-_")
+    if not slug:
+        raise PresetError(f"preset name {name!r} has no letters or digits to make a file name from; add some")
+    return slug[:MAX_NAME_CHARS]
+
+
+def check_lora_file(file: Any) -> str:
+    """A LoRA path as stored in a preset: relative to the LoRA folder, POSIX separators, no '..'."""
+    if not isinstance(file, str) or not file.strip():
+        raise PresetError("a stack entry has no 'file'; every entry names a LoRA file in the LoRA folder")
+    p = PurePosixPath(file.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", file):
+        raise PresetError(
+            f"LoRA file {file!r} is outside the LoRA folder; presets name files relative to it, e.g. 'style/anime.safetensors'"
+        )
+    return str(p)
+
+
+def validate(data: Any, source: str = "preset") -> Preset:
+    """Check a decoded preset object against schema 1 and return it; errors name the field and the fix."""
+    if not isinstance(data, dict):
+        raise PresetError(f"{source} is not a JSON object; a preset looks like {{\"schema\": 1, \"name\": ..., \"entries\": [...]}}")
+    if data.get("schema") != SCHEMA:
+        raise PresetError(f"{source} has schema {data.get('schema')!r}; this version reads schema {SCHEMA}")
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise PresetError(f"{source} has unknown field(s) {sorted(unknown)}; allowed: {', '.join(sorted(_KEYS))}")
+    name = check_name(data.get("name"))
+    model_type = data.get("model_type")
+    if model_type not in CATALOG:
+        raise PresetError(f"{source} has model_type {model_type!r}; known types: {', '.join(sorted(CATALOG))}")
+    entries = data.get("entries")
+    if not isinstance(entries, list):
+        raise PresetError(f"{source} field 'entries' must be a list of LoRA entries")
+    checked = []
+    for i, raw in enumerate(entries):
+        try:
+            entry = LoraEntry.from_dict(raw)
+        except RequestError as e:
+            raise PresetError(f"{source} entry {i + 1}: {e}") from None
+        d = entry.to_dict()
+        d["file"] = check_lora_file(entry.file)
+        checked.append(d)
+    for key in ("notes", "created", "updated"):
+        if not isinstance(data.get(key, ""), str):
+            raise PresetError(f"{source} field {key!r} must be text")
+    return Preset(name, model_type, checked, data.get("notes", ""), data.get("created", ""), data.get("updated", ""))
+
+
+def parse_json(raw: bytes | str, source: str = "uploaded file") -> Preset:
+    """Decode and validate an exported preset (the import side of export)."""
+    if len(raw) > MAX_PRESET_BYTES:
+        raise PresetError(f"{source} is {len(raw)} bytes; a preset is a small JSON file under {MAX_PRESET_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PresetError(f"{source} is not valid JSON ({e}); export a preset from WanStack or fix the file") from None
+    return validate(data, source)
+
+
+def _first_number(text: str, where: str) -> tuple[float, bool]:
+    """First value of a Wan2GP time-based list '0.9,0.8,0.7'; the flag says values were dropped."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        return 1.0, False
+    try:
+        return float(parts[0]), len(parts) > 1
+    except ValueError:
+        raise PresetError(f"Wan2GP multiplier {text!r} for {where} is not a number") from None
+
+
+def parse_lset(raw: bytes | str, model_type: str, name: str, known_files: list[str] | None = None) -> Preset:
+    """Turn a Wan2GP `.lset` file (JSON with `loras` and `loras_mult`) into a preset for `model_type`.
+
+    `loras_mult` holds one whitespace-separated token per LoRA: `1.2`, `1;0` (high;low phase),
+    `0.9,0.8` (time-based, we keep the first value) or `0;1;0` (guidance phases, the last phase is
+    the low-noise expert). `known_files` maps bare file names onto paths in the LoRA folder.
+    """
+    if model_type not in CATALOG:
+        raise PresetError(f"model type {model_type!r} is unknown; pick a model before importing")
+    if len(raw) > MAX_PRESET_BYTES:
+        raise PresetError(f".lset file is {len(raw)} bytes; expected a small JSON file")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PresetError(f".lset file is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("loras"), list):
+        raise PresetError(".lset file has no 'loras' list; it should look like {\"loras\": [...], \"loras_mult\": \"1 0.8\"}")
+    mult = data.get("loras_mult", "")
+    if not isinstance(mult, str):
+        raise PresetError(".lset field 'loras_mult' must be text like '1;0 0;1 0.8'")
+    tokens = mult.split()
+    dual = len(CATALOG[model_type].experts) == 2
+    by_name = {PurePosixPath(f).name: f for f in known_files or []}
+    notes = []
+    entries = []
+    for i, file in enumerate(data["loras"]):
+        file = check_lora_file(file)
+        file = by_name.get(PurePosixPath(file).name, file)
+        token = tokens[i] if i < len(tokens) else "1"
+        phases = token.split(";")
+        high, dropped_h = _first_number(phases[0], file)
+        low, dropped_l = _first_number(phases[-1], file)
+        if len(phases) > 2:
+            # Guidance phases: the last runs on the low-noise expert, the earlier ones on the high-noise one.
+            earlier = [_first_number(p, file)[0] for p in phases[:-1]]
+            high = next((v for v in earlier if v != 0), 0.0)
+            notes.append(f"{file}: {len(phases)} guidance phases folded into high/low weights")
+        if dropped_h or dropped_l:
+            notes.append(f"{file}: time-based multipliers {token!r} reduced to their first value")
+        entry: dict[str, Any] = {"file": file, "weight": high, "applies_to": "both", "enabled": True}
+        if len(phases) >= 2 and not dual:
+            notes.append(f"{file}: phase multiplier {token!r} on a single-expert model; used {high:g}")
+        elif len(phases) >= 2:
+            if high == 0 and low == 0:
+                entry["enabled"] = False
+            elif low == 0:
+                entry["applies_to"] = "high_noise"
+            elif high == 0:
+                entry.update(weight=low, applies_to="low_noise")
+            elif low != high:
+                entry["low_noise_weight"] = low
+        LoraEntry.from_dict(entry)  # range check with the engine's own rules
+        entries.append(entry)
+    prompt = data.get("prompt", "")
+    if isinstance(prompt, str) and prompt.strip():
+        notes.append("prompt from .lset: " + prompt.strip())
+    now = _now()
+    return Preset(check_name(name), model_type, entries, "\n".join(notes), now, now)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """temp file in the same folder + fsync + os.replace, so a reader sees the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a folder; the rename is still atomic
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class PresetSummary:
+    name: str
+    slug: str
+    model_type: str
+    entries: int
+    updated: str
+
+
+class PresetStore:
+    """The presets folder. Every name from a client goes through slugify(), so no path escapes it."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self._lock = threading.Lock()
+        self.moved_aside: list[str] = []  # corrupt files renamed during this session, for the UI to report
+
+    def path_for(self, name: str) -> Path:
+        path = (self.root / f"{slugify(name)}.json").resolve()
+        if path.parent != self.root.resolve():
+            raise PresetError(f"preset name {name!r} would leave the presets folder; pick a plain name")
+        return path
+
+    def _read(self, path: Path) -> Preset | None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return parse_json(raw, f"preset file {path.name}")
+        except PresetError as e:
+            aside = path.with_name(f"{path.name}.corrupt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
+            try:
+                os.replace(path, aside)
+            except FileNotFoundError:
+                return None
+            log.warning("moved unreadable preset %s to %s: %s", path.name, aside.name, e)
+            self.moved_aside.append(f"{path.name} -> {aside.name}: {e}")
+            return None
+
+    def list(self) -> list[PresetSummary]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for path in sorted(self.root.glob("*.json")):
+            preset = self._read(path)
+            if preset is not None:
+                out.append(PresetSummary(preset.name, path.stem, preset.model_type, len(preset.entries), preset.updated))
+        return out
+
+    def names(self, model_type: str | None = None) -> list[str]:
+        return [p.name for p in self.list() if model_type is None or p.model_type == model_type]
+
+    def load(self, name: str) -> Preset:
+        preset = self._read(self.path_for(name))
+        if preset is None:
+            known = ", ".join(self.names()) or "none saved yet"
+            raise PresetError(f"preset {name!r} not found; saved presets: {known}")
+        return preset
+
+    def exists(self, name: str) -> bool:
+        return self.path_for(name).exists()
+
+    def save(self, preset: Preset, overwrite: bool = True) -> Path:
+        checked = validate({**preset.to_dict(), "created": preset.created or "", "updated": preset.updated or ""})
+        path = self.path_for(checked.name)
+        with self._lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            old = self._read(path)
+            if old is not None and not overwrite:
+                raise PresetError(f"preset {checked.name!r} already exists; pick another name or overwrite it")
+            checked.created = (old.created if old else "") or checked.created or _now()
+            checked.updated = _now()
+            _atomic_write(path, json.dumps(checked.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return path
+
+    def delete(self, name: str) -> None:
+        path = self.path_for(name)
+        with self._lock:
+            if not path.exists():
+                raise PresetError(f"preset {name!r} not found; nothing deleted")
+            path.unlink()
+
+    def rename(self, old: str, new: str) -> Preset:
+        preset = self.load(old)
+        new = check_name(new)
+        old_path, new_path = self.path_for(old), self.path_for(new)
+        if new_path != old_path and new_path.exists():
+            raise PresetError(f"preset {new!r} already exists; delete it first or pick another name")
+        preset.name = new
+        self.save(preset)
+        if new_path != old_path:
+            with self._lock:
+                old_path.unlink(missing_ok=True)
+        return self.load(new)
+
+    def duplicate(self, name: str, new: str | None = None) -> Preset:
+        preset = self.load(name)
+        new = check_name(new or self._free_copy_name(preset.name))
+        if self.exists(new):
+            raise PresetError(f"preset {new!r} already exists; pick another name")
+        preset.name, preset.created = new, ""
+        self.save(preset, overwrite=False)
+        return self.load(new)
+
+    def _free_copy_name(self, name: str) -> str:
+        for i in range(1, 1000):
+            candidate = f"{name} copy" if i == 1 else f"{name} copy {i}"
+            candidate = candidate[-MAX_NAME_CHARS:]
+            if not self.exists(candidate):
+                return candidate
+        raise PresetError(f"too many copies of {name!r}; rename some")
+
+    def export_path(self, name: str) -> Path:
+        """The preset's own file, for a download."""
+        path = self.path_for(name)
+        if self._read(path) is None:
+            raise PresetError(f"preset {name!r} not found; nothing to export")
+        return path
+
+    def import_bytes(self, raw: bytes, filename: str, model_type: str | None = None,
+                     known_files: list[str] | None = None, overwrite: bool = False) -> Preset:
+        """Import an uploaded `.json` preset or Wan2GP `.lset` file and save it."""
+        if filename.lower().endswith(".lset"):
+            if model_type is None:
+                raise PresetError("a .lset file does not say which model it is for; pick a model first")
+            stem = PurePosixPath(filename.replace("\\", "/")).stem
+            preset = parse_lset(raw, model_type, stem, known_files)
+        else:
+            preset = parse_json(raw, f"uploaded file {PurePosixPath(filename).name}")
+        if not overwrite and self.exists(preset.name):
+            preset.name = self._free_copy_name(preset.name)
+        self.save(preset)
+        return self.load(preset.name)
+
+
+def mark_entries(entries: list[dict[str, Any]], available: dict[str, str | None]) -> list[dict[str, Any]]:
+    """Per entry, whether its file is in the LoRA folder and unchanged.
+
+    `available` maps LoRA files (relative to the folder) to their sha256 (None if not hashed).
+    Returns copies with `status` 'ok', 'missing' or 'changed' and a `problem` sentence; nothing is dropped.
+    """
+    out = []
+    for e in entries:
+        row = dict(e)
+        file = e.get("file", "")
+        if file not in available:
+            row.update(status="missing", problem=f"{file} is not in the LoRA folder; copy it back or pick another file")
+        elif e.get("sha256") and available[file] and available[file] != e["sha256"]:
+            row.update(status="changed", problem=f"{file} changed since the preset was saved (sha256 differs); check the result")
+        else:
+            row.update(status="ok", problem="")
+        out.append(row)
+    return out
