@@ -16,6 +16,9 @@ EXPERT_COMPONENT = {HIGH: "transformer", LOW: "transformer_2", SINGLE: "transfor
 
 # Transformer width (num_attention_heads * attention_head_dim) of each released Wan family.
 FAMILY_BY_WIDTH = {1536: "Wan 1.3B", 3072: "Wan 5B", 5120: "Wan 14B"}
+# The demo models keep the real families apart by width too, so wrong-base checks can be tested.
+DEMO_WIDTH = {1536: 16, 3072: 24, 5120: 32}
+FAMILY_BY_WIDTH.update({w: f"demo {FAMILY_BY_WIDTH[real]}" for real, w in DEMO_WIDTH.items()})
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ def _demo(spec: ModelSpec) -> ModelSpec:
         lora_cap=3,
         memory=dataclasses.replace(
             m, text_encoder_params=60_000, transformer_params=60_000, vae_params=60_000,
-            image_encoder_params=60_000 if m.image_encoder_params else 0, width=24, layers=2, ffn=32,
+            image_encoder_params=60_000 if m.image_encoder_params else 0,
+            width=DEMO_WIDTH[m.width], layers=2, ffn=32,
         ),
         resolutions=tiny,
         demo=True,

@@ -149,7 +149,7 @@ class StepInfo:
     total: int
     seconds: float
     expert: str
-    preview: Any = None  # PIL.Image of the current latents (a grid or strip of frames), or None
+    preview: Any = None  # list of PIL.Image, one per latent frame (a small animation), or None
 
 
 @dataclass

@@ -1,0 +1,102 @@
+"""The one object the UI (and app.py) talks to: models, LoRAs, presets, memory and generation.
+
+Everything crossing this boundary is a plain dataclass, dict or callback, so `ui/` never needs torch.
+Heavy imports happen inside methods.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.catalog import ModelSpec, get_spec, with_lora_cap
+from engine.types import GenerationRequest, GenerationResult, RequestError
+
+log = logging.getLogger(__name__)
+
+# on_event(kind, payload). Kinds, in order of a run:
+#   "status"  str        a line for the user ("loading model", "applying 2 LoRAs", ...)
+#   "loras"   list[dict] per-entry apply report (file, status, coverage, experts, warnings)
+#   "plan"    dict       memory plan (mode, vae_tiling, fits, estimate_bytes, reasons)
+#   "step"    StepInfo   one denoising step, with a preview image
+#   "memory"  dict       gauge sample (vram_used_bytes, ram_used_bytes, peaks) about twice a second
+#   "retry"   str        "retried with group offload after out-of-memory"
+#   "video_chunk" str    path of a finished MP4 segment while the VAE decodes (for streaming players)
+EventCallback = Callable[[str, Any], None]
+
+
+@dataclass
+class Settings:
+    models_dir: Path = Path("models")
+    loras_dir: Path = Path("loras")
+    presets_dir: Path = Path("presets")
+    outputs_dir: Path = Path("outputs")
+    data_dir: Path = Path("data")  # the demo model is built here when models/ has no real model
+    offload: str = "auto"
+    lora_caps: dict[str, int] = field(default_factory=dict)
+    vram_reserve_bytes: int = 1 << 30
+
+
+class Engine:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
+        self._lock = threading.Lock()  # one generation at a time
+        self._generator = None
+
+    # ---- models -------------------------------------------------------------------------
+    def list_models(self):
+        """Detected models (engine.detect.ModelInfo) in models_dir and the data folder's demo models."""
+        from engine.detect import scan
+
+        found = scan(self.settings.models_dir)
+        demo_root = self.settings.data_dir / "demo-models"
+        if demo_root.is_dir():
+            found += scan(demo_root)
+        return found
+
+    def ensure_demo_model(self, arch: str = "wan2.1-t2v-1.3b"):
+        """Build the demo model into the data folder when models/ holds no usable real model."""
+        from engine.demo import build_demo_model
+        from engine.detect import detect
+
+        if any(m.ok and not m.demo for m in self.list_models()):
+            return None
+        out = self.settings.data_dir / "demo-models" / f"demo-{arch}"
+        if not (out / "model_index.json").exists():
+            build_demo_model(out, arch)
+        return detect(out)
+
+    def find_model(self, model: str):
+        """Resolve a model id (folder name as listed) or a path the server itself listed."""
+        for info in self.list_models():
+            if model in (info.id, info.path):
+                if not info.ok:
+                    raise RequestError(f"model {info.id} cannot be used: {info.reason}")
+                return info
+        names = ", ".join(m.id for m in self.list_models() if m.ok) or "none"
+        raise RequestError(f"model {model!r} not found; available: {names}")
+
+    def spec(self, model_type: str) -> ModelSpec:
+        return with_lora_cap(get_spec(model_type), self.settings.lora_caps)
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, request: GenerationRequest, on_event: EventCallback | None = None) -> GenerationResult:
+        from engine.generate import Generator
+
+        info = self.find_model(request.model)
+        with self._lock:
+            if self._generator is None:
+                self._generator = Generator(self.settings)
+            return self._generator.run(info, self.spec(info.type), request, on_event or (lambda kind, payload: None))
+
+    def cancel(self) -> None:
+        """Stop the running generation at the next step boundary."""
+        if self._generator is not None:
+            self._generator.cancel()
+
+    def release(self) -> None:
+        """Drop the cached pipeline and free its memory."""
+        if self._generator is not None:
+            self._generator.release()

@@ -1,0 +1,265 @@
+"""Run one generation: load (and cache) the pipeline, apply the stack and the memory plan, denoise with
+per-step reports and previews, decode (streaming chunks if asked), and write the MP4 atomically."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.catalog import HIGH, LOW, SINGLE, ModelSpec
+from engine.detect import ModelInfo
+from engine.request import Resolved, resolve_request
+from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, StepInfo
+
+log = logging.getLogger(__name__)
+EventCallback = Callable[[str, Any], None]
+
+
+class Generator:
+    """Owns the cached pipeline. One run at a time (the facade holds the lock)."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._cancel = threading.Event()
+        self._pipe = None
+        self._pipe_key: tuple | None = None
+        self._i2v_pipe = None  # TI2V with a start image: the same components in the I2V pipeline
+        self._device = None
+        self._dtype = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def release(self) -> None:
+        from engine.device import free_memory
+
+        self._pipe = self._i2v_pipe = None
+        self._pipe_key = None
+        free_memory()
+
+    def load(self, info: ModelInfo, spec: ModelSpec):
+        """The pipeline for `info`, loaded once and cached until another model is asked for."""
+        import torch
+        from diffusers import AutoencoderKLWan, DiffusionPipeline
+
+        from engine.device import pick_device
+
+        key = (info.path, info.type)
+        if self._pipe is not None and self._pipe_key == key:
+            return self._pipe
+        self.release()
+        _quiet_loading()
+        self._device, self._dtype = pick_device()
+        # The Wan docs load the VAE in fp32 and the rest in bf16; on CPU everything is fp32.
+        vae = AutoencoderKLWan.from_pretrained(info.path, subfolder="vae", torch_dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(info.path, vae=vae, torch_dtype=self._dtype)
+        pipe.set_progress_bar_config(disable=True)
+        self._pipe, self._pipe_key = pipe, key
+        return pipe
+
+    @staticmethod
+    def experts(pipe, spec: ModelSpec) -> dict:
+        """Expert name -> transformer module, as the LoRA engine expects."""
+        if spec.dual_expert:
+            return {HIGH: pipe.transformer, LOW: pipe.transformer_2}
+        return {SINGLE: pipe.transformer}
+
+    # ---- one run ---------------------------------------------------------------------------
+    def run(self, info: ModelInfo, spec: ModelSpec, req: GenerationRequest, on_event: EventCallback,
+            out_path: str | Path | None = None, stream_video: bool = False) -> GenerationResult:
+        from engine.device import free_memory
+
+        r = resolve_request(req, spec)
+        image = _load_image(req.image, r) if req.image else None
+        self._cancel.clear()
+        started = time.perf_counter()
+        try:
+            on_event("status", f"loading {info.id}")
+            pipe = self.load(info, spec)
+            _set_shift(pipe, r.shift)
+            lora_report = self._apply_loras(pipe, spec, req, on_event)
+            run_pipe = self._pipe_for(pipe, spec, image)
+            frames, offload_mode, notes = self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video)
+        finally:
+            free_memory()
+        settings = _settings_json(info, spec, req, r, lora_report, offload_mode)
+        path = Path(out_path) if out_path else _default_out(self.settings.outputs_dir, r.seed)
+        from engine.video import write_mp4, write_sidecar
+
+        write_mp4(frames, path, r.fps, settings)
+        write_sidecar(path, settings)
+        seconds = time.perf_counter() - started
+        return GenerationResult(
+            path=str(path), seed=r.seed, frames=len(frames), width=frames[0].shape[1], height=frames[0].shape[0],
+            fps=r.fps, seconds=round(seconds, 3), offload=offload_mode, loras=lora_report, model_type=spec.type,
+            steps=r.steps, notes=notes, settings=settings,
+        )
+
+    def _pipe_for(self, pipe, spec: ModelSpec, image):
+        if spec.task == "ti2v" and image is not None:
+            if self._i2v_pipe is None:
+                from diffusers import WanImageToVideoPipeline
+
+                self._i2v_pipe = WanImageToVideoPipeline.from_pipe(pipe, torch_dtype=None)
+                self._i2v_pipe.set_progress_bar_config(disable=True)
+            return self._i2v_pipe
+        return pipe
+
+    def _apply_loras(self, pipe, spec: ModelSpec, req: GenerationRequest, on_event: EventCallback) -> list[dict]:
+        manager = self._lora_manager()
+        if manager is None:
+            if req.stack.entries:
+                raise RequestError("LoRA stacks need the LoRA engine, which is not installed in this build")
+            return []
+        if req.stack.entries:
+            on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
+        report = manager.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras)
+        on_event("loras", report)
+        return report
+
+    def _lora_manager(self):
+        if getattr(self, "_loras", None) is None:
+            try:
+                from engine.lora import LoraManager
+            except ImportError:
+                return None
+            self._loras = LoraManager(Path(self.settings.loras_dir))
+        return self._loras
+
+    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video):
+        import torch
+
+        boundary = (spec.boundary_ratio or 0) * pipe.scheduler.config.num_train_timesteps
+        last = [time.perf_counter()]
+
+        def on_step(p, i, t, kwargs):
+            now = time.perf_counter()
+            expert = SINGLE if not spec.dual_expert else (HIGH if float(t) >= boundary else LOW)
+            from engine.preview import latents_to_frames
+
+            preview = latents_to_frames(kwargs["latents"])
+            on_event("step", StepInfo(step=i + 1, total=r.steps, seconds=round(now - last[0], 4), expert=expert,
+                                      preview=preview))
+            last[0] = now
+            if self._cancel.is_set():
+                raise GenerationCancelled(f"stopped after step {i + 1} of {r.steps}")
+            return {}
+
+        args: dict[str, Any] = dict(
+            prompt=req.prompt, negative_prompt=req.negative_prompt or None, height=r.height, width=r.width,
+            num_frames=r.frames, num_inference_steps=r.steps, guidance_scale=r.guidance,
+            generator=torch.Generator(device="cpu").manual_seed(r.seed), output_type="latent",
+            callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"],
+        )
+        if spec.dual_expert:
+            args["guidance_scale_2"] = r.guidance_2
+        if image is not None:
+            args["image"] = image
+        on_event("status", "denoising")
+        latents = pipe(**args).frames
+        if self._cancel.is_set():
+            raise GenerationCancelled(f"stopped after the last step of {r.steps}")
+        on_event("status", "decoding")
+        frames = decode(pipe, latents, on_chunk=(lambda f: on_event("video_chunk", f)) if stream_video else None)
+        return frames, "none", []
+
+
+def decode(pipe, latents, on_chunk: Callable[[list], None] | None = None) -> list:
+    """Latents -> list of HxWx3 uint8 frames, as the Wan pipelines decode them.
+
+    With `on_chunk`, frames are also handed over as the VAE produces them: the Wan VAE decodes one
+    latent frame per call of `vae.decoder` (1 then 4 video frames), so a forward hook on it sees each
+    chunk as soon as it exists. Under VAE tiling the decoder runs per tile, so chunks are not streamed.
+    """
+    import torch
+
+    vae = pipe.vae
+    z = latents.to(dtype=vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+    z = z / inv_std + mean
+    handle = None
+    if on_chunk is not None and not getattr(vae, "use_tiling", False):
+        def hook(module, inputs, output):
+            x = output
+            if vae.config.patch_size is not None:
+                from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+                x = unpatchify(x, patch_size=vae.config.patch_size)
+            on_chunk(_to_uint8(x.clamp(-1, 1)))
+
+        handle = vae.decoder.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            video = vae.decode(z, return_dict=False)[0]
+    finally:
+        if handle is not None:
+            handle.remove()
+    return _to_uint8(video)
+
+
+def _to_uint8(video) -> list:
+    """[B, 3, T, H, W] in [-1, 1] -> T frames of HxWx3 uint8 (first batch item)."""
+    import torch
+
+    x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return list(x.permute(1, 2, 3, 0).cpu().numpy())
+
+
+def _quiet_loading() -> None:
+    """Loading progress bars go to a terminal nobody watches; the UI reports status instead."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def _set_shift(pipe, shift: float) -> None:
+    config = pipe.scheduler.config
+    key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config else None
+    if key and float(config[key]) != shift:
+        pipe.scheduler = type(pipe.scheduler).from_config(config, **{key: shift})
+
+
+def _load_image(path: str, r: Resolved):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB").resize((r.width, r.height), Image.LANCZOS)
+    except FileNotFoundError:
+        raise RequestError(f"image {path} does not exist; pick an existing PNG or JPEG") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise RequestError(f"image {path} could not be read ({e}); use a PNG or JPEG") from None
+
+
+def _default_out(outputs_dir, seed: int) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(outputs_dir) / f"{stamp}-{seed}.mp4"
+    n = 1
+    while out.exists():
+        out = Path(outputs_dir) / f"{stamp}-{seed}-{n}.mp4"
+        n += 1
+    return out
+
+
+def _settings_json(info, spec, req, r: Resolved, lora_report, offload_mode) -> dict:
+    stack = []
+    for e, rep in zip(req.stack.entries, lora_report or [{}] * len(req.stack.entries)):
+        row = e.to_dict()
+        if rep.get("sha256"):
+            row["sha256"] = rep["sha256"]
+        row["status"] = rep.get("status", "applied")
+        stack.append(row)
+    return {
+        "app": "WanStack", "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": info.id, "model_type": spec.type, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
+        "image": Path(req.image).name if req.image else None, "seed": r.seed, "steps": r.steps,
+        "width": r.width, "height": r.height, "frames": r.frames, "fps": r.fps, "guidance": r.guidance,
+        "guidance_2": r.guidance_2, "shift": r.shift, "offload": offload_mode, "stack": stack,
+    }
