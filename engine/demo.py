@@ -121,8 +121,10 @@ def build_demo_pipeline(arch: str, seed: int = 0):
     return WanPipeline(**parts)
 
 
-def build_demo_model(out_dir: str | os.PathLike, arch: str = "wan2.1-t2v-1.3b", seed: int = 0) -> Path:
-    """Write a demo model folder; written to a temp folder first so a failure leaves nothing behind."""
+def build_demo_model(out_dir: str | os.PathLike, arch: str = "wan2.1-t2v-1.3b", seed: int = 0,
+                     loras_dir: str | os.PathLike | None = None) -> Path:
+    """Write a demo model folder (temp folder first, so a failure leaves nothing behind), and with
+    `loras_dir` the demo LoRAs made for this architecture."""
     out = Path(out_dir)
     if arch.startswith("demo-"):
         arch = arch[len("demo-"):]
@@ -145,4 +147,8 @@ def build_demo_model(out_dir: str | os.PathLike, arch: str = "wan2.1-t2v-1.3b", 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if loras_dir is not None:
+        from engine.demo_loras import write_demo_loras
+
+        write_demo_loras(loras_dir, {arch: pipe.transformer}, seed)
     return out

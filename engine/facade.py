@@ -56,17 +56,24 @@ class Engine:
             found += scan(demo_root)
         return found
 
-    def ensure_demo_model(self, arch: str = "wan2.1-t2v-1.3b"):
-        """Build the demo model into the data folder when models/ holds no usable real model."""
+    DEMO_ARCHS = ("wan2.2-t2v-a14b", "wan2.1-t2v-1.3b")
+
+    def ensure_demo_model(self) -> list:
+        """Build the demo models (and their demo LoRAs) into the data folder when models/ holds no
+        usable real model. Returns the demo ModelInfos built or found; [] when a real model exists."""
         from engine.demo import build_demo_model
         from engine.detect import detect
 
         if any(m.ok and not m.demo for m in self.list_models()):
-            return None
-        out = self.settings.data_dir / "demo-models" / f"demo-{arch}"
-        if not (out / "model_index.json").exists():
-            build_demo_model(out, arch)
-        return detect(out)
+            return []
+        infos = []
+        for arch in self.DEMO_ARCHS:
+            out = self.settings.data_dir / "demo-models" / f"demo-{arch}"
+            if not (out / "model_index.json").exists():
+                log.info("building the demo model %s (random weights) in %s", arch, out)
+                build_demo_model(out, arch, loras_dir=self.settings.loras_dir)
+            infos.append(detect(out))
+        return infos
 
     def find_model(self, model: str):
         """Resolve a model id (folder name as listed) or a path the server itself listed."""
@@ -82,14 +89,17 @@ class Engine:
         return with_lora_cap(get_spec(model_type), self.settings.lora_caps)
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, request: GenerationRequest, on_event: EventCallback | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, on_event: EventCallback | None = None, *,
+                 out_path: str | Path | None = None, stream_video: bool = False) -> GenerationResult:
+        """Run one generation. `stream_video` also emits "video_chunk" events while the VAE decodes."""
         from engine.generate import Generator
 
         info = self.find_model(request.model)
         with self._lock:
             if self._generator is None:
                 self._generator = Generator(self.settings)
-            return self._generator.run(info, self.spec(info.type), request, on_event or (lambda kind, payload: None))
+            return self._generator.run(info, self.spec(info.type), request, on_event or (lambda kind, payload: None),
+                                       out_path=out_path, stream_video=stream_video)
 
     def cancel(self) -> None:
         """Stop the running generation at the next step boundary."""

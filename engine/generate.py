@@ -55,8 +55,8 @@ class Generator:
         _quiet_loading()
         self._device, self._dtype = pick_device()
         # The Wan docs load the VAE in fp32 and the rest in bf16; on CPU everything is fp32.
-        vae = AutoencoderKLWan.from_pretrained(info.path, subfolder="vae", torch_dtype=torch.float32)
-        pipe = DiffusionPipeline.from_pretrained(info.path, vae=vae, torch_dtype=self._dtype)
+        vae = AutoencoderKLWan.from_pretrained(info.path, subfolder="vae", **_dtype_kw(torch.float32))
+        pipe = DiffusionPipeline.from_pretrained(info.path, vae=vae, **_dtype_kw(self._dtype))
         pipe.set_progress_bar_config(disable=True)
         self._pipe, self._pipe_key = pipe, key
         return pipe
@@ -208,6 +208,14 @@ def _to_uint8(video) -> list:
 
     x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return list(x.permute(1, 2, 3, 0).cpu().numpy())
+
+
+def _dtype_kw(dtype) -> dict:
+    """diffusers 0.42 renamed `torch_dtype` to `dtype`; older releases only know `torch_dtype`."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype": dtype}
 
 
 def _quiet_loading() -> None:

@@ -1,0 +1,121 @@
+"""`demo`, `models` and `generate` commands."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from engine.types import GenerationRequest, LoraEntry, RequestError, Stack, StepInfo
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="write a tiny random-weight Wan model in diffusers layout")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--arch", default="wan2.1-t2v-1.3b", help="model type whose architecture to copy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loras-dir", help="also write the demo LoRAs for this architecture into this folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", help="list detected models and their types")
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="turn a prompt into an MP4")
+    p.add_argument("--model", required=True, help="a model folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--image", help="start image for I2V / TI2V")
+    p.add_argument("--lora", action="append", default=[], metavar="SPEC", help="PATH[=WEIGHT[,APPLIES_TO]]; repeatable")
+    p.add_argument("--preset", help="a named stack from --presets-dir")
+    p.add_argument("--presets-dir", default="presets")
+    p.add_argument("--loras-dir", default="loras", help="where preset entries are looked up")
+    p.add_argument("--skip-failing-loras", action="store_true", help="continue without a LoRA that fails to load")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--fps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--guidance-2", type=float)
+    p.add_argument("--shift", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    p.add_argument("--out", required=True, help="the MP4 to write")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_demo(args):
+    from engine.demo import build_demo_model
+    from engine.detect import detect
+
+    out = build_demo_model(args.out, args.arch, args.seed, loras_dir=args.loras_dir)
+    info = detect(out)
+    return {"path": str(out), "type": info.type, "ok": info.ok}
+
+
+def cmd_models(args):
+    from engine.detect import scan
+
+    if not Path(args.models_dir).is_dir():
+        raise RequestError(f"--models-dir {args.models_dir} is not a folder")
+    models = [m.to_dict() for m in scan(args.models_dir)]
+    if args.json:
+        return {"models": models}
+    lines = [f"{m['id']:32} {m['type'] or '-':24} {'ok' if m['ok'] else m['reason']}" for m in models]
+    return "\n".join(lines) or f"no models in {args.models_dir}"
+
+
+def parse_lora_spec(spec: str) -> LoraEntry:
+    """`PATH[=WEIGHT[,APPLIES_TO]]` -> LoraEntry."""
+    path, _, rest = spec.partition("=")
+    weight, applies_to = 1.0, "both"
+    if rest:
+        w, _, a = rest.partition(",")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise RequestError(f"--lora {spec!r}: weight {w!r} is not a number (form PATH[=WEIGHT[,APPLIES_TO]])") from None
+        applies_to = a or "both"
+    if not path:
+        raise RequestError(f"--lora {spec!r} has no path (form PATH[=WEIGHT[,APPLIES_TO]])")
+    return LoraEntry(file=path, weight=weight, applies_to=applies_to)
+
+
+def cmd_generate(args):
+    from engine.detect import detect
+    from engine.facade import Engine, Settings
+
+    info = detect(args.model)
+    if not info.ok:
+        raise RequestError(f"--model {args.model}: {info.reason}")
+    entries = [parse_lora_spec(s) for s in args.lora]
+    loras_dir = Path(args.loras_dir)
+    if args.preset:
+        from engine.presets import PresetStore
+
+        preset = PresetStore(Path(args.presets_dir)).load(args.preset)
+        entries = [LoraEntry(**{**e.to_dict(), "file": str((loras_dir / e.file).resolve())}) for e in preset.stack.entries] + entries
+    # CLI paths are the user's own: make them absolute so they do not depend on the LoRA folder.
+    entries = [LoraEntry(**{**e.to_dict(), "file": str(Path(e.file).resolve())}) for e in entries]
+    engine = Engine(Settings(models_dir=Path(args.model).parent, loras_dir=loras_dir,
+                             outputs_dir=Path(args.out).parent, offload=args.offload))
+    req = GenerationRequest(
+        model=info.path, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
+        width=args.width, height=args.height, frames=args.frames, fps=args.fps, steps=args.steps,
+        guidance=args.guidance, guidance_2=args.guidance_2, seed=args.seed, shift=args.shift,
+        stack=Stack(tuple(entries)), offload=args.offload, skip_failing_loras=args.skip_failing_loras,
+    )
+
+    def on_event(kind, payload):
+        if kind == "step" and isinstance(payload, StepInfo):
+            print(f"step {payload.step}/{payload.total} ({payload.expert}) {payload.seconds:.2f}s", file=sys.stderr)
+        elif kind in ("status", "retry"):
+            print(payload, file=sys.stderr)
+
+    result = engine.generate(req, on_event, out_path=args.out)
+    summary = {k: getattr(result, k) for k in ("path", "seed", "frames", "width", "height", "fps", "seconds", "offload", "loras", "model_type", "steps", "notes")}
+    if args.json:
+        return summary
+    return f"wrote {result.path}: {result.frames} frames {result.width}x{result.height}, seed {result.seed}, {result.seconds:.1f}s"
