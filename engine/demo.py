@@ -135,7 +135,9 @@ def build_demo_model(out_dir: str | os.PathLike, arch: str = "wan2.1-t2v-1.3b", 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        # Sharded like the real 14B checkpoints, so every reader is exercised on index + shards.
+        pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="64KB")
+        os.chmod(tmp, 0o755)
         marker = {
             "arch": arch, "type": f"demo-{arch}", "seed": seed,
             "note": "Random weights for trying the workflow. Real videos need a Wan checkpoint in models/.",

@@ -55,8 +55,13 @@ class Generator:
         _quiet_loading()
         self._device, self._dtype = pick_device()
         # The Wan docs load the VAE in fp32 and the rest in bf16; on CPU everything is fp32.
-        vae = AutoencoderKLWan.from_pretrained(info.path, subfolder="vae", **_dtype_kw(torch.float32))
-        pipe = DiffusionPipeline.from_pretrained(info.path, vae=vae, **_dtype_kw(self._dtype))
+        parts = {"vae": AutoencoderKLWan.from_pretrained(info.path, subfolder="vae", **_dtype_kw(torch.float32))}
+        if (Path(info.path) / "image_encoder").is_dir():  # Wan2.1 I2V: the docs keep the CLIP encoder in fp32 too
+            from transformers import CLIPVisionModel
+
+            parts["image_encoder"] = CLIPVisionModel.from_pretrained(
+                info.path, subfolder="image_encoder", dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(info.path, **parts, **_dtype_kw(self._dtype))
         pipe.set_progress_bar_config(disable=True)
         self._pipe, self._pipe_key = pipe, key
         return pipe
