@@ -1,0 +1,319 @@
+"""Exact merged application of LoRA patches into a module's weights, in place.
+
+For every touched parameter `W = W0 + sum_i w_i * scale_i * (B_i @ A_i) (+ full diffs)`, computed
+from `W0` in stack order with fp32 accumulation (all ranks of a layer concatenated into one GEMM),
+on the device where the weight lives, and written into `param.data` in place so offload hooks
+that move `.data` between devices keep working.
+
+`W0` is never a whole-model copy: it is re-read from the model's own safetensors files when the
+module came from one (checked against the live weight at first touch), or else a copy of just the
+touched parameter is kept. Removing a patch writes `W0` back, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.lora.files import _ST_DTYPES
+from engine.types import WanStackError
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 32 << 20  # fp32 rows computed at once: bounds the temporary memory of one layer
+
+
+class WeightSource:
+    """Reads single tensors of a model folder's safetensors files with pread (no mmap, no full load)."""
+
+    def __init__(self, folder: str | Path):
+        from engine.lora.files import read_safetensors_header
+
+        self.folder = Path(folder)
+        self.index: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+        for file in sorted(self.folder.glob("*.safetensors")):
+            header, data_start = read_safetensors_header(file)
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                self.index[key] = (file, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
+
+    def __bool__(self) -> bool:
+        return bool(self.index)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        hit = self.index.get(name)
+        return hit[2] if hit else None
+
+    def read(self, name: str, dtype, rows: slice | None = None):
+        """The stored tensor (or a slice of its first dimension), cast to `dtype` like from_pretrained does."""
+        import torch
+
+        file, st_dtype, shape, offset, nbytes = self.index[name]
+        tdtype = _ST_DTYPES.get(st_dtype)
+        row_elems = 1
+        for s in shape[1:]:
+            row_elems *= s
+        elem = torch.empty((), dtype=tdtype).element_size()
+        if rows is not None and shape:
+            r0, r1, _ = rows.indices(shape[0])
+            offset += r0 * row_elems * elem
+            nbytes = (r1 - r0) * row_elems * elem
+            shape = (r1 - r0, *shape[1:])
+        buf = bytearray(nbytes)
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            view = memoryview(buf)
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise OSError(f"{file.name}: short read of {name}")
+                done += n
+        finally:
+            os.close(fd)
+        t = torch.frombuffer(buf, dtype=tdtype).reshape(shape) if nbytes else torch.empty(shape, dtype=tdtype)
+        return t.to(dtype)
+
+
+def sources_for_module(module) -> list[WeightSource]:
+    """Candidate safetensors folders a diffusers model was loaded from (its config's _name_or_path)."""
+    config = getattr(module, "config", None)
+    root = None
+    if config is not None:
+        root = config.get("_name_or_path") if hasattr(config, "get") else getattr(config, "_name_or_path", None)
+    if not root or not os.path.isdir(str(root)):
+        return []
+    root = Path(root)
+    out = []
+    for folder in (root, root / "transformer", root / "transformer_2"):
+        if folder.is_dir() and any(folder.glob("*.safetensors")):
+            try:
+                src = WeightSource(folder)
+            except (OSError, ValueError, WanStackError) as e:
+                log.info("not using %s as a weight source: %s", folder, e)
+                continue
+            if src:
+                out.append(src)
+    return out
+
+
+@dataclass
+class Contribution:
+    key: tuple  # (sha256, slot, weight): what makes this contribution distinct
+    patch: Any  # engine.lora.formats.Patch
+    weight: float
+
+
+@dataclass
+class MergeStats:
+    written: int = 0
+    restored: int = 0
+    unchanged: int = 0
+    gemm_flops: int = 0
+    file_backed: int = 0
+    copied_bytes: int = 0
+    seconds: float = 0.0
+    names: list[str] = field(default_factory=list)
+
+
+def _offload_mirrors(module) -> dict[int, Any]:
+    """CPU tensors that diffusers group offloading restores parameters from (stream mode), by id(param).
+
+    With CUDA streams the hook keeps pinned CPU copies and assigns them back to `param.data` on
+    offload; a merged weight must be written there too or the next offload would undo it.
+    """
+    mirrors: dict[int, Any] = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for hook in list(getattr(registry, "hooks", {}).values()):
+            group = getattr(hook, "group", None)
+            if group is None:
+                continue
+            if getattr(group, "offload_to_disk_path", None):
+                raise WanStackError(
+                    "LoRA stacks cannot be merged while group offloading writes weights to disk "
+                    "(offload_to_disk_path); use group offloading in RAM"
+                )
+            for param, tensor in getattr(group, "cpu_param_dict", {}).items():
+                mirrors[id(param)] = tensor
+    return mirrors
+
+
+class ModuleMerger:
+    """Holds the merge state of one module: which patches each parameter carries and where its W0 is."""
+
+    def __init__(self, module, sources: list[WeightSource] | None = None):
+        self._module = weakref.ref(module)
+        self.params = dict(module.named_parameters())
+        self.sources = list(sources) if sources is not None else sources_for_module(module)
+        self.current: dict[str, tuple] = {}
+        self.originals: dict[str, Any] = {}  # name -> CPU copy of W0 (when no source file has it)
+        self.file_backed: dict[str, WeightSource] = {}
+
+    @property
+    def module(self):
+        return self._module()
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.params.items()}
+
+    def originals_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.originals.values())
+
+    def set(self, desired: dict[str, list[Contribution]]) -> MergeStats:
+        """Make every parameter carry exactly `desired` (name -> contributions in stack order)."""
+        import time
+
+        import torch
+
+        t0 = time.perf_counter()
+        stats = MergeStats()
+        mirrors = _offload_mirrors(self.module) if self.module is not None else {}
+        with torch.no_grad():
+            for name in list(dict.fromkeys([*self.current, *desired])):
+                contribs = [c for c in desired.get(name, []) if c.weight != 0.0]
+                sig = tuple(c.key for c in contribs)
+                if self.current.get(name, ()) == sig:
+                    stats.unchanged += 1
+                    continue
+                param = self.params[name]
+                if param.device.type == "meta":
+                    raise WanStackError(
+                        f"parameter {name} is on the meta device (accelerate offload); LoRA merging needs "
+                        "real weights: use diffusers group offloading instead"
+                    )
+                if not sig:
+                    self._restore(name, param)
+                    stats.restored += 1
+                else:
+                    first = name not in self.current
+                    if first:
+                        self._remember(name, param, stats)
+                    stats.gemm_flops += self._write(name, param, contribs, w0_is_live=first)
+                    self.current[name] = sig
+                    stats.written += 1
+                stats.names.append(name)
+                mirror = mirrors.get(id(param))
+                if mirror is not None and mirror.data_ptr() != param.data.data_ptr():
+                    mirror.copy_(param.data)
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def restore_all(self) -> MergeStats:
+        return self.set({})
+
+    # -- W0 bookkeeping -------------------------------------------------------------------------
+
+    def _remember(self, name: str, param, stats: MergeStats) -> None:
+        """Called while `param` still holds W0: find it in a source file, or keep a copy of it."""
+        for src in self.sources:
+            if src.shape(name) == tuple(param.shape) and self._matches(src, name, param):
+                self.file_backed[name] = src
+                stats.file_backed += 1
+                return
+        copy = param.data.detach().to("cpu", copy=True)
+        self.originals[name] = copy
+        stats.copied_bytes += copy.numel() * copy.element_size()
+
+    @staticmethod
+    def _matches(src: WeightSource, name: str, param) -> bool:
+        """Cheap identity check of the file tensor against the live weight: first and last rows."""
+        import torch
+
+        data = param.data
+        if data.ndim == 0 or data.shape[0] <= 2:
+            return torch.equal(src.read(name, data.dtype).to(data.device), data)
+        n = data.shape[0]
+        head = src.read(name, data.dtype, slice(0, 1)).to(data.device)
+        tail = src.read(name, data.dtype, slice(n - 1, n)).to(data.device)
+        return torch.equal(head, data[0:1]) and torch.equal(tail, data[n - 1:n])
+
+    def _w0(self, name: str, param, rows: slice | None = None):
+        if name in self.originals:
+            t = self.originals[name]
+            return (t if rows is None else t[rows]).to(param.device)
+        src = self.file_backed[name]
+        return src.read(name, param.dtype, rows).to(param.device)
+
+    def _restore(self, name: str, param) -> None:
+        if name not in self.current:
+            return
+        data = param.data
+        if name in self.originals:
+            data.copy_(self.originals.pop(name).to(data.device))
+        else:
+            flat = data.reshape(data.shape[0], -1) if data.ndim >= 2 else data.reshape(1, -1)
+            step = _chunk_rows(flat.shape[1])
+            for r0 in range(0, flat.shape[0], step):
+                rows = slice(r0, min(r0 + step, flat.shape[0]))
+                w0 = self._w0(name, param, rows if data.ndim >= 2 else None)
+                flat[rows].copy_(w0.reshape(-1, flat.shape[1]))
+            self.file_backed.pop(name)
+        del self.current[name]
+
+    # -- the merge itself ------------------------------------------------------------------------
+
+    def _write(self, name: str, param, contribs: list[Contribution], *, w0_is_live: bool) -> int:
+        import torch
+
+        data = param.data
+        device = data.device
+        flat = data.reshape(data.shape[0], -1) if data.ndim >= 2 else data.reshape(1, -1)
+        if flat.data_ptr() != data.data_ptr() or not data.is_contiguous():
+            raise WanStackError(f"parameter {name} is not contiguous; cannot merge a LoRA into it in place")
+        out_dim, in_dim = flat.shape
+        ups, downs, diffs = [], [], []
+        for c in contribs:
+            p = c.patch
+            if p.kind == "lowrank":
+                r = int(p.down.shape[0])
+                ups.append(p.up.reshape(out_dim, r).to(device=device, dtype=torch.float32) * (c.weight * p.scale))
+                downs.append(p.down.reshape(r, in_dim).to(device=device, dtype=torch.float32))
+            else:
+                diffs.append((c.weight, p.diff.reshape(out_dim, in_dim)))
+        up = torch.cat(ups, dim=1) if ups else None
+        down = torch.cat(downs, dim=0) if downs else None
+        step = _chunk_rows(in_dim) if data.ndim >= 2 else out_dim
+        for r0 in range(0, out_dim, step):
+            rows = slice(r0, min(r0 + step, out_dim))
+            if w0_is_live:
+                acc = flat[rows].to(torch.float32, copy=True)
+            else:
+                w0 = self._w0(name, param, rows if data.ndim >= 2 else None)
+                acc = w0.reshape(-1, in_dim).to(device=device, dtype=torch.float32, copy=True)
+            if up is not None:
+                acc.addmm_(up[rows], down)
+            for w, d in diffs:
+                acc.add_(d[rows].to(device=device, dtype=torch.float32), alpha=w)
+            flat[rows].copy_(acc)
+        return 2 * out_dim * in_dim * (down.shape[0] if down is not None else 0)
+
+
+def _chunk_rows(cols: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, cols * 4))
+
+
+def model_param_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a transformer folder, from its safetensors headers (no weights read)."""
+    from engine.lora.files import read_safetensors_header
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        header, _ = read_safetensors_header(file)
+        for key, info in header.items():
+            if key != "__metadata__":
+                shapes[key] = tuple(info["shape"])
+    return shapes
+
+
+def transformer_config(folder: str | Path) -> dict:
+    with open(Path(folder) / "config.json", encoding="utf-8") as f:
+        return json.load(f)
