@@ -37,6 +37,8 @@ class Settings:
     offload: str = "auto"
     lora_caps: dict[str, int] = field(default_factory=dict)
     vram_reserve_bytes: int = 1 << 30
+    # The CLI names LoRA files by the user's own paths; the UI and API only by paths inside loras_dir.
+    allow_lora_paths_outside: bool = False
 
 
 class Engine:
@@ -44,6 +46,7 @@ class Engine:
         self.settings = settings or Settings()
         self._lock = threading.Lock()  # one generation at a time
         self._generator = None
+        self._loras = None
 
     # ---- models -------------------------------------------------------------------------
     def list_models(self):
@@ -88,6 +91,34 @@ class Engine:
     def spec(self, model_type: str) -> ModelSpec:
         return with_lora_cap(get_spec(model_type), self.settings.lora_caps)
 
+    # ---- LoRAs -----------------------------------------------------------------------------
+    @property
+    def loras(self):
+        """The one LoraManager (parsed-file cache by sha256, merge state) shared with the generator."""
+        if self._loras is None:
+            from engine.lora import LoraManager
+
+            self._loras = LoraManager(self.settings.loras_dir)
+        return self._loras
+
+    def list_loras(self, model_type: str | None = None) -> list[dict]:
+        """LoRA files in loras_dir (relative paths) with their inspection, and whether they fit the model type."""
+        return self.loras.list_loras(self.spec(model_type) if model_type else None)
+
+    def inspect_lora(self, file: str, model: str | None = None) -> dict:
+        """Full inspection of one file in loras_dir; with a model id, coverage against that model."""
+        path = self.loras.path_of(file)
+        if not path.is_file():
+            raise RequestError(f"LoRA {file} is not in {self.settings.loras_dir}; press refresh or pick another")
+        return self.loras.inspect(path, self.find_model(model).path if model else None)
+
+    def check_stack(self, model_type: str, stack) -> list[str]:
+        """Caps and routing before any load: raises LoraCapExceeded; returns warnings."""
+        for entry in stack.entries:
+            if not self.loras.path_of(entry.file).is_file():
+                raise RequestError(f"LoRA {entry.file} is not in {self.settings.loras_dir}; press refresh or remove the row")
+        return self.loras.check(self.spec(model_type), stack)
+
     # ---- generation ---------------------------------------------------------------------
     def generate(self, request: GenerationRequest, on_event: EventCallback | None = None, *,
                  out_path: str | Path | None = None, stream_video: bool = False) -> GenerationResult:
@@ -97,7 +128,7 @@ class Engine:
         info = self.find_model(request.model)
         with self._lock:
             if self._generator is None:
-                self._generator = Generator(self.settings)
+                self._generator = Generator(self.settings, self.loras)
             return self._generator.run(info, self.spec(info.type), request, on_event or (lambda kind, payload: None),
                                        out_path=out_path, stream_video=stream_video)
 

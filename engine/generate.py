@@ -21,8 +21,9 @@ EventCallback = Callable[[str, Any], None]
 class Generator:
     """Owns the cached pipeline. One run at a time (the facade holds the lock)."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, loras):
         self.settings = settings
+        self.loras = loras  # engine.lora.LoraManager
         self._cancel = threading.Event()
         self._pipe = None
         self._pipe_key: tuple | None = None
@@ -115,25 +116,14 @@ class Generator:
         return pipe
 
     def _apply_loras(self, pipe, spec: ModelSpec, req: GenerationRequest, on_event: EventCallback) -> list[dict]:
-        manager = self._lora_manager()
-        if manager is None:
-            if req.stack.entries:
-                raise RequestError("LoRA stacks need the LoRA engine, which is not installed in this build")
-            return []
+        """Merge the request's stack into the experts (a no-op when the stack is unchanged)."""
         if req.stack.entries:
             on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
-        report = manager.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras)
+        resolve = Path if self.settings.allow_lora_paths_outside else None
+        report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
+                                  resolve=resolve)
         on_event("loras", report)
         return report
-
-    def _lora_manager(self):
-        if getattr(self, "_loras", None) is None:
-            try:
-                from engine.lora import LoraManager
-            except ImportError:
-                return None
-            self._loras = LoraManager(Path(self.settings.loras_dir))
-        return self._loras
 
     def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video):
         import torch
@@ -169,8 +159,23 @@ class Generator:
         if self._cancel.is_set():
             raise GenerationCancelled(f"stopped after the last step of {r.steps}")
         on_event("status", "decoding")
-        frames = decode(pipe, latents, on_chunk=(lambda f: on_event("video_chunk", f)) if stream_video else None)
+        on_chunk = self._segment_writer(r.fps, on_event) if stream_video else None
+        frames = decode(pipe, latents, on_chunk=on_chunk)
         return frames, "none", []
+
+    def _segment_writer(self, fps: int, on_event: EventCallback):
+        """Each decoded chunk becomes an MPEG-TS segment in outputs/.stream/, announced as "video_chunk"."""
+        from engine.video import write_mp4
+
+        folder = Path(self.settings.outputs_dir) / ".stream" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        count = [0]
+
+        def on_chunk(frames: list) -> None:
+            path = write_mp4(frames, folder / f"segment-{count[0]:04d}.ts", fps, container="mpegts")
+            count[0] += 1
+            on_event("video_chunk", str(path))
+
+        return on_chunk
 
 
 def decode(pipe, latents, on_chunk: Callable[[list], None] | None = None) -> list:

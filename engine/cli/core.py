@@ -100,7 +100,8 @@ def cmd_generate(args):
     # CLI paths are the user's own: make them absolute so they do not depend on the LoRA folder.
     entries = [LoraEntry(**{**e.to_dict(), "file": str(Path(e.file).resolve())}) for e in entries]
     engine = Engine(Settings(models_dir=Path(args.model).parent, loras_dir=loras_dir,
-                             outputs_dir=Path(args.out).parent, offload=args.offload))
+                             outputs_dir=Path(args.out).parent, offload=args.offload,
+                             allow_lora_paths_outside=True))
     req = GenerationRequest(
         model=info.path, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
         width=args.width, height=args.height, frames=args.frames, fps=args.fps, steps=args.steps,
