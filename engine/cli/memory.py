@@ -1,6 +1,82 @@
 """`vram` and `plan` commands (memory governor)."""
 from __future__ import annotations
 
+from engine.types import OFFLOAD_CHOICES, RequestError
+
 
 def register(sub) -> None:
-    """Placeholder until the memory governor lands: no commands yet."""
+    p = sub.add_parser("vram", help="GPU memory (NVML) and system RAM now")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_vram)
+
+    p = sub.add_parser("plan", help="estimate a run's memory and choose the offload mode")
+    p.add_argument("--model-type", required=True, help="e.g. wan2.2-t2v-a14b")
+    p.add_argument("--height", type=int, help="pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's)")
+    p.add_argument("--frames", type=int, help="frames (default: the model's)")
+    p.add_argument("--loras", type=int, default=0, metavar="N", help="enabled LoRAs in the stack")
+    p.add_argument("--free-vram", metavar="SIZE", help="plan for this much free VRAM instead of this machine's, e.g. 16GiB")
+    p.add_argument("--ram", metavar="SIZE", help="plan for this much available system RAM, e.g. 64GiB")
+    p.add_argument("--reserve", metavar="SIZE", default="1GiB", help="VRAM kept free for other apps (default 1GiB)")
+    p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype on the GPU")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_vram(args):
+    from engine.memory import MemorySnapshot, gib
+
+    snap = MemorySnapshot.capture()
+    if args.json:
+        return snap.to_dict()
+    lines = []
+    if not snap.available:
+        lines.append(f"GPU: unavailable, {snap.reason}")
+    for g in snap.gpus:
+        if g.error:
+            lines.append(f"GPU {g.index}: {g.error}")
+            continue
+        cuda = f"cuda:{g.torch_index}" if g.torch_index is not None else "not visible to this process"
+        util = f"{g.utilization_percent}%" if g.utilization_percent is not None else "n/a"
+        temp = f"{g.temperature_c} C" if g.temperature_c is not None else "n/a"
+        lines.append(f"GPU {g.index} ({cuda}) {g.name}: {gib(g.free_bytes)} free of {gib(g.total_bytes)}, "
+                     f"utilisation {util}, temperature {temp}")
+    lines.append(f"RAM: {gib(snap.ram_available_bytes)} available of {gib(snap.ram_total_bytes)}; "
+                 f"this process {gib(snap.process_rss_bytes)}")
+    return "\n".join(lines)
+
+
+def cmd_plan(args):
+    from engine.catalog import get_spec
+    from engine.memory import MemorySnapshot, Workload, choose_offload, gib, parse_bytes
+
+    spec = get_spec(args.model_type)
+    height = args.height or spec.height
+    width = args.width or spec.width
+    frames = args.frames or spec.frames
+    for name, value in (("--height", height), ("--width", width)):
+        if value < spec.size_multiple or value % spec.size_multiple:
+            raise RequestError(f"{name} {value} must be a positive multiple of {spec.size_multiple} for {spec.type}")
+    if frames < 1 or (frames - 1) % 4:
+        raise RequestError(f"--frames {frames} must be 4k+1 (e.g. 49, 81, 121): Wan's VAE packs 4 frames per latent")
+    if args.loras < 0:
+        raise RequestError(f"--loras {args.loras} must be 0 or more")
+    reserve = parse_bytes(args.reserve, "--reserve")
+    ram = parse_bytes(args.ram, "--ram") if args.ram else None
+    if args.free_vram:
+        snap = MemorySnapshot.planned(parse_bytes(args.free_vram, "--free-vram"), ram,
+                                      base=None if ram is not None else MemorySnapshot.capture())
+    else:
+        snap = MemorySnapshot.planned(None, ram, base=MemorySnapshot.capture())
+    work = Workload(spec, height, width, frames, loras=args.loras, dtype=args.dtype)
+    plan = choose_offload(snap, work, args.offload, reserve)
+    result = plan.to_dict()
+    result.update(model_type=spec.type, height=height, width=width, frames=frames, loras=args.loras)
+    if args.json:
+        return result
+    est = plan.estimate_bytes
+    parts = ", ".join(f"{k} {gib(v)}" for k, v in est["phases"].items())
+    return "\n".join([f"{spec.type} {width}x{height}x{frames}: {plan.label}"
+                      f"{'' if plan.fits else ' (does not fit)'}, peak {gib(est['peak'])} ({parts})"]
+                     + [f"- {r}" for r in plan.reasons])
