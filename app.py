@@ -1,0 +1,96 @@
+"""Launch WanStack: parse flags, build the engine, build the UI, launch Gradio (127.0.0.1 by default)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("wanstack")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="WanStack: a local web UI for Wan 2.x video with LoRA stacks")
+    p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 instead of 127.0.0.1 (reachable from the network)")
+    p.add_argument("--server-port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs --auth)")
+    p.add_argument("--share-without-auth", action="store_true",
+                   help="allow --share without --auth: anyone with the link can use your GPU and see your outputs")
+    p.add_argument("--auth", metavar="USER:PASS", help="require this login")
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--loras-dir", default="loras")
+    p.add_argument("--presets-dir", default="presets")
+    p.add_argument("--outputs-dir", default="outputs")
+    p.add_argument("--data-dir", default="data", help="where the demo model is built when models/ has none")
+    p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    p.add_argument("--lora-cap", action="append", default=[], metavar="TYPE=N",
+                   help="most enabled LoRAs per expert for a model type, e.g. wan2.2-t2v-a14b=3 (repeatable)")
+    p.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 'queue full'")
+    p.add_argument("--max-upload", default="20mb", help="largest upload (start image, preset), e.g. 20mb")
+    p.add_argument("--no-demo", action="store_true", help="do not build the demo model when no real model is found")
+    return p.parse_args(argv)
+
+
+def check_share(args: argparse.Namespace) -> str | None:
+    """Why the flags are refused (None when fine)."""
+    if args.share and not args.auth and not args.share_without_auth:
+        return ("--share publishes this app on a public gradio.live URL; without --auth anyone who gets the link "
+                "can run jobs on your GPU and download your outputs. Add --auth USER:PASS, or pass "
+                "--share-without-auth if you really want it open.")
+    if args.auth and ":" not in args.auth:
+        return "--auth must look like USER:PASS"
+    return None
+
+
+def build(args: argparse.Namespace):
+    """Engine + UI + the launch() keyword arguments."""
+    from engine.catalog import parse_lora_caps
+    from engine.facade import Engine, Settings
+    from engine.types import WanStackError
+
+    try:
+        caps = parse_lora_caps(args.lora_cap)
+    except WanStackError as e:
+        raise SystemExit(f"error: {e}") from None
+    dirs = {k: Path(getattr(args, k)).resolve() for k in ("models_dir", "loras_dir", "presets_dir", "outputs_dir", "data_dir")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    engine = Engine(Settings(offload=args.offload, lora_caps=caps, **dirs))
+    if not args.no_demo and not any(m.ok and not m.demo for m in engine.list_models()):
+        log.info("no real model in %s: using the demo model (random weights)", dirs["models_dir"])
+        engine.ensure_demo_model()
+
+    from ui import CSS, THEME, build_ui
+
+    demo = build_ui(engine)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
+    launch = dict(
+        server_name="0.0.0.0" if args.listen else "127.0.0.1",
+        server_port=args.server_port,
+        share=args.share,
+        auth=tuple(args.auth.split(":", 1)) if args.auth else None,
+        allowed_paths=[str(dirs["outputs_dir"])],
+        blocked_paths=[str(dirs[k]) for k in ("models_dir", "loras_dir", "presets_dir", "data_dir")],
+        max_file_size=args.max_upload,
+        theme=THEME,
+        css=CSS,
+        footer_links=["api"],
+        show_error=True,
+    )
+    return engine, demo, launch
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    problem = check_share(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    _, demo, launch = build(args)
+    demo.launch(**launch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

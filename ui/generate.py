@@ -1,0 +1,199 @@
+"""One generation as one streaming event: status, stack report, memory plan, per-step previews, decoded
+chunks, final video, gauge and history. The engine runs in a worker thread; its events arrive on a queue."""
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+
+from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, WanStackError
+from ui.context import UIContext
+
+log = logging.getLogger(__name__)
+GIB = 1 << 30
+
+
+def build_request(ctx: UIContext, model_id: str, prompt: str, negative: str, image: str | None, width, height,
+                  frames, steps, seed, stack, fps=None, guidance=None, guidance_2=None, shift=None) -> GenerationRequest:
+    """Check every client-supplied name against the server's lists and build the engine request."""
+    info = ctx.model(model_id)  # RequestError if not one of ours
+    spec = ctx.engine.spec(info.type)
+    ctx.check_stack(spec, stack)
+
+    def num(value, cast):
+        return None if value is None or value == "" else cast(value)
+
+    return GenerationRequest(
+        model=info.id, prompt=prompt or "", negative_prompt=negative or "", image=image or None,
+        width=num(width, int), height=num(height, int), frames=num(frames, int), fps=num(fps, int),
+        steps=num(steps, int), guidance=num(guidance, float),
+        guidance_2=num(guidance_2, float) if spec.dual_expert else None,
+        seed=None if seed is None or int(seed) < 0 else int(seed), shift=num(shift, float), stack=stack,
+        offload=ctx.settings.offload,
+    )
+
+
+class Run:
+    """Runs engine.generate in a thread and turns its callbacks into a queue of (kind, payload)."""
+
+    def __init__(self, ctx: UIContext, request: GenerationRequest, stream_video: bool = False):
+        self.ctx = ctx
+        self.events: queue.Queue = queue.Queue()
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+        kwargs = {}
+        if stream_video and "stream_video" in inspect.signature(ctx.engine.generate).parameters:
+            kwargs["stream_video"] = True
+        self._thread = threading.Thread(target=self._work, args=(request, kwargs), daemon=True, name="wanstack-run")
+        self._thread.start()
+
+    def _work(self, request, kwargs):
+        try:
+            self.result = self.ctx.engine.generate(request, lambda kind, payload: self.events.put((kind, payload)), **kwargs)
+        except BaseException as e:  # handed to the UI thread, which reports it
+            self.error = e
+        finally:
+            self.events.put(("done", None))
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        while True:
+            kind, payload = self.events.get()
+            if kind == "done":
+                return
+            yield kind, payload
+
+
+def preview_animation(frames, folder: Path, step: int) -> str | None:
+    """Latent preview frames (PIL images) as a looping GIF; a single image stays a PNG."""
+    if frames is None:
+        return None
+    if not isinstance(frames, (list, tuple)):
+        frames = [frames]
+    if not frames:
+        return None
+    path = folder / f"preview-{step:04d}.gif"
+    frames[0].save(path, save_all=True, append_images=list(frames[1:]), duration=150, loop=0)
+    return str(path)
+
+
+def format_report(loras: list[dict] | None) -> str:
+    if loras is None:
+        return ""
+    if not loras:
+        return "**Stack:** no LoRAs"
+    lines = ["**Stack applied:**"]
+    for r in loras:
+        cov = r.get("coverage")
+        if isinstance(cov, dict):
+            total = cov.get("total") or sum(cov.get(k, 0) for k in ("applied", "skipped", "unmatched") if isinstance(cov.get(k), int))
+            cov = f"{cov.get('applied', '?')}/{total} keys applied"
+        experts = r.get("experts")
+        experts = f" on {', '.join(experts)}" if experts else ""
+        warn = "; ".join(r.get("warnings") or [])
+        lines.append(f"- `{r.get('file')}`: {r.get('status', '?')}{experts}{' · ' + str(cov) if cov else ''}"
+                     f"{' · ⚠ ' + warn if warn else ''}")
+    return "\n".join(lines)
+
+
+def format_plan(plan: dict | None) -> str:
+    if not plan:
+        return ""
+    est = plan.get("estimate_bytes") or {}
+    peak = est.get("peak") if isinstance(est, dict) else est
+    text = f"**Memory plan:** offload `{plan.get('mode', '?')}`, VAE tiling {'on' if plan.get('vae_tiling') else 'off'}"
+    if peak:
+        text += f", peak estimate {peak / GIB:.2f} GiB"
+    if plan.get("fits") is False:
+        text += " · ⚠ may not fit"
+    reasons = plan.get("reasons") or []
+    if reasons:
+        text += "<br>" + " ".join(str(r) for r in reasons)
+    return text
+
+
+def format_gauge(sample: dict | None, peaks: dict) -> str:
+    """VRAM/RAM gauge from a 'memory' event (or an engine.vram() snapshot)."""
+    if not sample:
+        return ""
+    parts = []
+    for key, label in (("vram", "VRAM"), ("ram", "RAM")):
+        used = sample.get(f"{key}_used_bytes")
+        total = sample.get(f"{key}_total_bytes")
+        if used is None:
+            continue
+        peaks[key] = max(peaks.get(key, 0), sample.get(f"{key}_peak_bytes") or used)
+        pct = 100 * used / total if total else 0
+        bar = f"<span class='gauge'><span style='width:{pct:.0f}%'></span></span>" if total else ""
+        total_text = f" / {total / GIB:.1f}" if total else ""
+        parts.append(f"{label} {bar} {used / GIB:.2f}{total_text} GiB (peak {peaks[key] / GIB:.2f})")
+    if not parts and sample.get("available") is False:
+        return f"VRAM: {sample.get('reason', 'not available')}"
+    return " &nbsp; ".join(parts)
+
+
+def summary_of(result: GenerationResult) -> dict:
+    return {
+        "path": result.path, "seed": result.seed, "frames": result.frames, "width": result.width,
+        "height": result.height, "fps": result.fps, "seconds": result.seconds, "offload": result.offload,
+        "model_type": result.model_type, "steps": result.steps, "loras": result.loras, "notes": result.notes,
+    }
+
+
+def run_events(ctx: UIContext, request: GenerationRequest, progress=None, stream_video: bool = True):
+    """Drive one run, yielding ('update', dict-of-fields) as events arrive and finally ('result', result)."""
+    folder = Path(tempfile.mkdtemp(prefix="wanstack-preview-"))
+    run = Run(ctx, request, stream_video=stream_video)
+    peaks: dict[str, int] = {}
+    started = time.perf_counter()
+    step_seconds: list[float] = []
+    for kind, payload in run:
+        if kind == "status":
+            yield "update", {"status": str(payload)}
+        elif kind == "loras":
+            yield "update", {"report": format_report(payload)}
+        elif kind == "plan":
+            yield "update", {"plan": format_plan(payload)}
+        elif kind == "retry":
+            yield "update", {"status": f"⚠ {payload}"}
+        elif kind == "memory":
+            yield "update", {"gauge": format_gauge(payload, peaks)}
+        elif kind == "video_chunk" and isinstance(payload, str):
+            yield "update", {"chunk": payload}
+        elif kind == "step":
+            step_seconds.append(payload.seconds)
+            mean = sum(step_seconds[-5:]) / len(step_seconds[-5:])
+            eta = mean * (payload.total - payload.step)
+            text = (f"step {payload.step}/{payload.total} · {payload.seconds:.2f} s/step · ETA {eta:.1f} s"
+                    f" · {payload.expert.replace('_', '-')}")
+            if progress is not None:
+                progress((payload.step, payload.total), desc=text, unit="steps")
+            yield "update", {"status": text, "preview": preview_animation(payload.preview, folder, payload.step)}
+    if run.error is not None:
+        raise run.error
+    run.result.notes = list(run.result.notes) + [f"wall time {time.perf_counter() - started:.2f} s"]
+    yield "update", {"gauge_final": peaks}
+    yield "result", run.result
+
+
+def request_for_history(request: GenerationRequest, resolution: str | None) -> dict:
+    d = {
+        "model": request.model, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+        "resolution": resolution, "frames": request.frames, "fps": request.fps, "steps": request.steps,
+        "guidance": request.guidance, "guidance_2": request.guidance_2, "shift": request.shift,
+        "stack": request.stack.to_list(),
+    }
+    return d
+
+
+def error_text(e: BaseException) -> str:
+    if isinstance(e, WanStackError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+

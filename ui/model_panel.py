@@ -1,0 +1,136 @@
+"""Model picker, prompt and generation settings; the task (T2V / I2V / TI2V) follows the model."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from engine.catalog import ModelSpec
+from engine.types import RequestError
+from ui.context import UIContext
+
+log = logging.getLogger(__name__)
+TASK_LABEL = {"t2v": "text → video", "i2v": "image → video (start image required)", "ti2v": "text/image → video (image optional)"}
+
+
+class ModelPanel:
+    def __init__(self, ctx: UIContext):
+        self.ctx = ctx
+
+    def choices(self) -> list[tuple[str, str]]:
+        return [(self.ctx.model_label(m), m.id) for m in self.ctx.usable_models()]
+
+    def build_picker(self, default_id: str | None):
+        self.default_spec = None
+        if default_id:
+            try:
+                self.default_spec = self.ctx.spec_for(default_id)
+            except RequestError as e:
+                log.warning("default model %s unusable: %s", default_id, e)
+        with gr.Row(equal_height=True, elem_id="model-row"):
+            gr.Markdown("### WanStack", elem_id="title")
+            self.model = gr.Dropdown(self.choices(), value=default_id, show_label=False, container=False, scale=4,
+                                     min_width=220, elem_id="model-picker")
+        self.model_note = gr.Markdown(self.note(default_id), elem_id="model-note", elem_classes="small-note")
+
+    def build_prompt(self):
+        task = self.default_spec.task if self.default_spec else "t2v"
+        with gr.Row(equal_height=True, elem_id="prompt-row"):
+            self.prompt = gr.Textbox(show_label=False, lines=2, max_lines=4, scale=3, elem_id="prompt",
+                                     placeholder="Prompt: a red fox running through snow, cinematic")
+            self.negative = gr.Textbox(show_label=False, lines=2, max_lines=4, scale=2, elem_id="negative-prompt",
+                                       placeholder="Negative prompt (optional)")
+            self.image = gr.Image(label="Start image", type="filepath", visible=task in ("i2v", "ti2v"), height=110,
+                                  scale=1, min_width=110, sources=["upload", "clipboard"], elem_id="start-image")
+
+    def build_settings(self):
+        spec = self.default_spec
+        res = list(spec.resolutions) if spec else []
+        d = (lambda name, fallback: getattr(spec, name) if spec else fallback)
+        with gr.Row():
+            self.resolution = gr.Dropdown(res, value=res[0] if res else None, label="Resolution", scale=2, min_width=120,
+                                          elem_id="resolution")
+            self.frames = gr.Slider(1, max(161, d("frames", 81)), step=4, value=d("frames", 81), label="Frames", scale=3,
+                                    min_width=140, elem_id="frames")
+            self.fps = gr.Number(d("fps", 16), label="fps", precision=0, minimum=1, maximum=60, scale=1, min_width=60,
+                                 elem_id="fps")
+            self.steps = gr.Number(d("steps", 40), label="Steps", precision=0, minimum=1, maximum=200, scale=1,
+                                   min_width=60, elem_id="steps")
+        with gr.Row():
+            self.guidance = gr.Number(d("guidance", 5.0), label="Guidance", minimum=0, maximum=30, step=0.5, scale=1,
+                                      min_width=70, elem_id="guidance")
+            self.guidance_2 = gr.Number(d("guidance_2", None), label="Guidance (low-noise)", minimum=0, maximum=30,
+                                        step=0.5, scale=1, min_width=70, visible=bool(spec and spec.dual_expert),
+                                        elem_id="guidance-2")
+            self.shift = gr.Number(d("shift", 5.0), label="Shift", minimum=0.1, maximum=50, step=0.5, scale=1,
+                                   min_width=60, elem_id="shift")
+            self.seed = gr.Number(-1, label="Seed (-1 random)", precision=0, minimum=-1, scale=1, min_width=90,
+                                  elem_id="seed")
+            self.duration = gr.Markdown(self.duration_text(d("frames", 81), d("fps", 16)), elem_id="duration",
+                                        elem_classes="small-note")
+
+    def note(self, model_id: str | None) -> str:
+        if not model_id:
+            bad = [m for m in self.ctx.models() if not m.ok]
+            return "No usable model." + ("".join(f"\n- `{m.id}`: {m.reason}" for m in bad) if bad else "")
+        try:
+            info = self.ctx.model(model_id)
+            spec = self.ctx.engine.spec(info.type)
+        except Exception as e:  # noqa: BLE001 - shown to the user as text
+            return f"⚠ {e}"
+        parts = [spec.label.replace(" (random weights)", ""), TASK_LABEL.get(spec.task, spec.task)]
+        if info.demo:
+            parts.append("**random weights**: the video is noise; for trying the app")
+        parts.append("2 experts" if spec.dual_expert else "1 expert")
+        unusable = [m for m in self.ctx.models() if not m.ok]
+        text = " · ".join(parts)
+        if unusable:
+            text += "<br>not usable: " + "; ".join(f"`{m.id}` ({m.reason})" for m in unusable)
+        return text
+
+    @staticmethod
+    def duration_text(frames, fps) -> str:
+        try:
+            return f"{int(frames)} frames = **{int(frames) / max(1, int(fps)):.2f} s** at {int(fps)} fps"
+        except (TypeError, ValueError):
+            return ""
+
+    def settings_outputs(self) -> list:
+        return [self.model_note, self.image, self.resolution, self.frames, self.fps, self.steps, self.guidance,
+                self.guidance_2, self.shift, self.duration]
+
+    def settings_updates(self, model_id: str | None, spec: ModelSpec | None) -> list:
+        if spec is None:
+            return [self.note(model_id)] + [gr.update()] * 9
+        res = list(spec.resolutions) or [f"{spec.width}x{spec.height}"]
+        default = next((k for k, v in spec.resolutions.items() if v == (spec.width, spec.height)), res[0])
+        return [
+            self.note(model_id),
+            gr.update(visible=spec.task in ("i2v", "ti2v"),
+                      label="Start image (required)" if spec.task == "i2v" else "Start image (optional)"),
+            gr.update(choices=[(f"{k} ({spec.resolutions[k][0]}×{spec.resolutions[k][1]})", k) for k in spec.resolutions]
+                      if spec.resolutions else res, value=default),
+            gr.update(value=spec.frames, maximum=max(161, spec.frames)),
+            gr.update(value=spec.fps),
+            gr.update(value=spec.steps),
+            gr.update(value=spec.guidance),
+            gr.update(value=spec.guidance_2, visible=spec.dual_expert),
+            gr.update(value=spec.shift),
+            self.duration_text(spec.frames, spec.fps),
+        ]
+
+    @staticmethod
+    def size_of(spec: ModelSpec, resolution: str | None) -> tuple[int, int]:
+        return spec.resolutions.get(resolution or "", (spec.width, spec.height))
+
+    def wire_duration(self) -> None:
+        for comp in (self.frames, self.fps):
+            comp.change(self.duration_text, [self.frames, self.fps], [self.duration], api_visibility="private",
+                        queue=False, show_progress="hidden")
+
+
+def settings_dict(model_id: str, prompt: str, negative: str, resolution: str, frames: Any, fps: Any, steps: Any,
+                  guidance: Any, guidance_2: Any, shift: Any, seed: Any) -> dict:
+    return dict(model=model_id, prompt=prompt, negative_prompt=negative, resolution=resolution, frames=frames,
+                fps=fps, steps=steps, guidance=guidance, guidance_2=guidance_2, shift=shift, seed=seed)

@@ -1,0 +1,326 @@
+"""The LoRA stack editor: a fixed set of rows shown or hidden, driven by a list-of-dicts state.
+
+Rows are pre-built (not re-rendered) so an edit is one small server round trip.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from engine.catalog import ModelSpec
+from ui import stack_logic as sl
+from ui.context import UIContext
+
+log = logging.getLogger(__name__)
+PRIVATE = dict(api_visibility="private", queue=False, show_progress="hidden")
+APPLIES = [("both experts", "both"), ("high-noise", "high_noise"), ("low-noise", "low_noise")]
+
+
+@dataclass
+class Row:
+    box: Any
+    file: Any
+    slider: Any
+    weight: Any
+    enabled: Any
+    up: Any
+    down: Any
+    remove: Any
+    applies_to: Any
+    low_weight: Any
+    info: Any
+    triggers: Any
+
+    def components(self) -> list:
+        return [self.box, self.file, self.slider, self.weight, self.enabled, self.applies_to, self.low_weight,
+                self.info, self.triggers]
+
+
+class StackEditor:
+    def __init__(self, ctx: UIContext):
+        self.ctx = ctx
+        self.rows: list[Row] = []
+
+    # ---- layout -------------------------------------------------------------------------
+    def build(self):
+        with gr.Group(elem_id="stack-editor"):
+            with gr.Row(elem_classes="stack-head"):
+                gr.Markdown("**LoRA stack**", elem_classes="stack-title")
+                self.cap = gr.Markdown("", elem_id="cap-indicator", elem_classes="cap")
+            for i in range(self.ctx.max_rows):
+                self.rows.append(self._build_row(i))
+            self.message = gr.Markdown("", elem_id="stack-message", elem_classes="stack-message")
+            with gr.Row(elem_classes="stack-buttons"):
+                self.add = gr.Button("+ Add LoRA", size="sm", elem_id="add-lora", scale=2)
+                self.pair = gr.Button("", size="sm", visible=False, elem_id="add-pair", scale=3)
+                self.refresh = gr.Button("↻ Rescan folder", size="sm", elem_id="refresh-loras", scale=1)
+            self.unavailable = gr.Markdown("", elem_id="lora-unavailable", elem_classes="small-note")
+
+    def _build_row(self, i: int) -> Row:
+        with gr.Column(visible=False, elem_classes="lora-row", elem_id=f"lora-row-{i}") as box:
+            with gr.Row(equal_height=True, elem_classes="row-main"):
+                file = gr.Dropdown(choices=[], value=None, show_label=False, container=False, scale=8,
+                                   min_width=180, elem_id=f"lora-file-{i}", allow_custom_value=True)
+                slider = gr.Slider(-2, 2, value=1.0, step=0.05, show_label=False, container=False, scale=4,
+                                   min_width=110, elem_id=f"lora-slider-{i}", buttons=[],
+                                   elem_classes="lora-slider")
+                weight = gr.Number(value=1.0, minimum=-10, maximum=10, step=0.05, show_label=False, container=False,
+                                   scale=1, min_width=64, elem_id=f"lora-weight-{i}")
+                enabled = gr.Checkbox(value=True, label="on", container=False, scale=0, min_width=50,
+                                      elem_id=f"lora-enabled-{i}")
+                up = gr.Button("↑", size="sm", scale=0, min_width=30, elem_id=f"lora-up-{i}")
+                down = gr.Button("↓", size="sm", scale=0, min_width=30, elem_id=f"lora-down-{i}")
+                remove = gr.Button("✕", size="sm", scale=0, min_width=30, variant="stop", elem_id=f"lora-remove-{i}")
+            with gr.Row(equal_height=True, elem_classes="row-detail"):
+                applies_to = gr.Dropdown(APPLIES, value="both", show_label=False, container=False, scale=2,
+                                         min_width=110, elem_id=f"lora-applies-{i}")
+                low_weight = gr.Number(value=None, minimum=-10, maximum=10, step=0.05, show_label=False,
+                                       container=False, placeholder="low-noise w", scale=1, min_width=80,
+                                       elem_id=f"lora-lowweight-{i}")
+                info = gr.Markdown("", elem_classes="row-info", elem_id=f"lora-info-{i}")
+                triggers = gr.Button("+ triggers", size="sm", scale=0, min_width=80, visible=False,
+                                     elem_id=f"lora-triggers-{i}")
+        return Row(box, file, slider, weight, enabled, up, down, remove, applies_to, low_weight, info, triggers)
+
+    def outputs(self) -> list:
+        """Everything `render()` updates, in its order."""
+        comps = [self.cap, self.message, self.pair, self.unavailable]
+        for row in self.rows:
+            comps += row.components()
+        return comps
+
+    # ---- rendering ----------------------------------------------------------------------
+    def render(self, rows: list[dict], spec: ModelSpec | None, message: str = "", report: dict | None = None,
+               pair: str | None = None) -> list:
+        if spec is None:
+            return [gr.update(value="pick a model"), message, gr.update(visible=False), ""] + \
+                [gr.update(visible=False)] * (len(self.rows) * 9)
+        loras = self.ctx.loras(spec.type)
+        choices = [d["file"] for d in loras if d.get("compatible", True)]
+        blocked = [d for d in loras if not d.get("compatible", True)]
+        note = ""
+        if blocked:
+            items = "".join(f"<li><code>{d['file']}</code>: {d.get('reason', '')}</li>" for d in blocked)
+            note = (f"<details><summary>{len(blocked)} file{'s' if len(blocked) > 1 else ''} in the LoRA folder "
+                    f"not offered for this model (why)</summary><ul>{items}</ul></details>")
+        elif not loras:
+            note = f"No LoRA files in `{self.ctx.settings.loras_dir}`. Put .safetensors files there and rescan."
+        pair_update = gr.update(visible=bool(pair), value=f"+ add low-noise partner {pair}" if pair else "")
+        out = [sl.cap_text(rows, spec), message, pair_update, note]
+        for i, row in enumerate(self.rows):
+            if i >= len(rows):
+                out += [gr.update(visible=False)] + [gr.update()] * 8
+                continue
+            r = rows[i]
+            info = self.ctx.lora_info(spec.type, r["file"]) if r.get("file") else None
+            row_choices = choices if not r.get("file") or r["file"] in choices else choices + [r["file"]]
+            out += [
+                gr.update(visible=True),
+                gr.update(choices=row_choices, value=r.get("file") or None),
+                gr.update(value=sl.clamp_slider(r.get("weight", 1.0))),
+                gr.update(value=r.get("weight", 1.0)),
+                gr.update(value=bool(r.get("enabled", True))),
+                gr.update(value=r.get("applies_to") or "both", visible=spec.dual_expert),
+                gr.update(value=r.get("low_noise_weight"), visible=spec.dual_expert),
+                gr.update(value=self.describe(r, info, spec, (report or {}).get(r.get("file")))),
+                gr.update(visible=bool(info and info.get("trigger_words"))),
+            ]
+        return out
+
+    @staticmethod
+    def describe(row: dict, info: dict | None, spec: ModelSpec, applied: dict | None) -> str:
+        """One line of inspection for a row: status, rank, family, coverage, triggers, size, memory."""
+        if not row.get("file"):
+            return "pick a LoRA file"
+        if row.get("status") == "missing" or info is None:
+            return f"⚠ **missing**: `{row['file']}` is not in the LoRA folder (kept from the preset)"
+        parts = []
+        if row.get("status") == "changed":
+            parts.append("⚠ **changed** since the preset was saved")
+        if not info.get("compatible", True):
+            parts.append(f"⚠ **incompatible**: {info.get('reason', '')}")
+        if info.get("rank"):
+            parts.append(f"rank {info['rank']}")
+        if info.get("family"):
+            parts.append(str(info["family"]))
+        if applied:
+            parts.append(_coverage(applied))
+        if info.get("trigger_words"):
+            parts.append("triggers: " + ", ".join(info["trigger_words"][:4]))
+        size = info.get("size_bytes")
+        if size:
+            # merged into the weights: memory only while applying (one delta at a time), none per step
+            parts.append(f"{sl.human_bytes(size)} · +{sl.human_bytes(size)} RAM while applying, 0 per step")
+        if info.get("expert_hint") and spec.dual_expert:
+            parts.append(f"made for {info['expert_hint']}")
+        return " · ".join(parts)
+
+
+def _coverage(applied: dict) -> str:
+    cov = applied.get("coverage")
+    if isinstance(cov, dict):
+        total = cov.get("total") or sum(v for k, v in cov.items() if k in ("applied", "skipped", "unmatched") and isinstance(v, int))
+        text = f"{cov.get('applied', '?')}/{total} keys applied"
+        if cov.get("skipped") or cov.get("unmatched"):
+            text += f" ({cov.get('skipped', 0)} skipped, {cov.get('unmatched', 0)} unmatched)"
+    elif cov:
+        text = str(cov)
+    else:
+        text = str(applied.get("status", ""))
+    return f"**{text}**"
+
+
+def wire(editor: StackEditor, model: Any, rows_state: Any, report_state: Any, pair_state: Any, prompt: Any) -> None:
+    """Connect the editor's events. Light handlers only touch the row they belong to."""
+    ctx = editor.ctx
+    full = [rows_state, pair_state] + editor.outputs()
+
+    def spec_of(model_id):
+        try:
+            return ctx.spec_for(model_id) if model_id else None
+        except Exception as e:  # noqa: BLE001 - any lookup failure just means "no model picked"
+            log.debug("no spec for %r: %s", model_id, e)
+            return None
+
+    def redraw(model_id, rows, report, message="", pair=None):
+        spec = spec_of(model_id)
+        if message:
+            gr.Warning(message)
+        pair_file = pair["file"] if pair else None
+        return [rows, pair] + editor.render(rows, spec, message, report, pair_file)
+
+    def on_add(model_id, rows, report):
+        spec = spec_of(model_id)
+        if spec is None:
+            return redraw(model_id, rows, report, "pick a model first")
+        reason = sl.can_add(rows, spec, ctx.max_rows)
+        if reason:
+            return redraw(model_id, rows, report, reason)
+        return redraw(model_id, rows + [sl.new_row(applies_to=sl.default_applies_to(rows, spec))], report)
+
+    def on_refresh(model_id, rows, report):
+        spec = spec_of(model_id)
+        if spec is not None:
+            ctx.loras(spec.type, refresh=True)
+        return redraw(model_id, rows, report, "")
+
+    def on_pair(model_id, rows, report, pair):
+        spec = spec_of(model_id)
+        if spec is None or not pair:
+            return redraw(model_id, rows, report)
+        rows = [dict(r) for r in rows]
+        i = pair["row"]
+        if i < len(rows):
+            rows[i]["applies_to"] = "high_noise"
+            weight = rows[i].get("weight", 1.0)
+        else:
+            weight = 1.0
+        candidate = rows + [sl.new_row(pair["file"], weight, "low_noise")]
+        reason = sl.over_cap(candidate, spec) or (f"the editor holds {ctx.max_rows} rows" if len(candidate) > ctx.max_rows else None)
+        if reason:
+            return redraw(model_id, rows, report, reason)
+        return redraw(model_id, candidate, report)
+
+    editor.add.click(on_add, [model, rows_state, report_state], full, **PRIVATE)
+    editor.refresh.click(on_refresh, [model, rows_state, report_state], full, **PRIVATE)
+    editor.pair.click(on_pair, [model, rows_state, report_state, pair_state], full, **PRIVATE)
+
+    for i, row in enumerate(editor.rows):
+        _wire_row(i, row, editor, model, rows_state, report_state, prompt, full, spec_of, redraw)
+
+
+def _wire_row(i, row: Row, editor, model, rows_state, report_state, prompt, full, spec_of, redraw):
+    ctx = editor.ctx
+
+    def on_file(model_id, rows, report, file):
+        spec = spec_of(model_id)
+        rows = [dict(r) for r in rows]
+        if spec is None or i >= len(rows):
+            return redraw(model_id, rows, report)
+        if file not in ctx.compatible_files(spec.type):
+            return redraw(model_id, rows, report, f"{file!r} is not a compatible LoRA in the folder; pick one from the list")
+        info = ctx.lora_info(spec.type, file) or {}
+        rows[i].update(file=file, sha256=info.get("sha256"), status="ok", problem="")
+        pair = None
+        if spec.dual_expert:
+            partner = sl.pair_partner(file, ctx.compatible_files(spec.type))
+            if partner and partner not in {r.get("file") for r in rows}:
+                pair = {"row": i, "file": partner}
+        return redraw(model_id, rows, report, pair=pair)
+
+    def on_slider(rows, value):
+        rows = [dict(r) for r in rows]
+        if i < len(rows):
+            rows[i]["weight"] = round(float(value), 4)
+        return rows, gr.update(value=rows[i]["weight"] if i < len(rows) else value)
+
+    def on_weight(rows, value):
+        rows = [dict(r) for r in rows]
+        if value is None or not -10 <= float(value) <= 10:
+            gr.Warning("weight must be a number between -10 and 10")
+            old = rows[i]["weight"] if i < len(rows) else 1.0
+            return rows, gr.update(), gr.update(value=old)
+        if i < len(rows):
+            rows[i]["weight"] = float(value)
+        return rows, gr.update(value=sl.clamp_slider(value)), gr.update()
+
+    def on_low(rows, value):
+        rows = [dict(r) for r in rows]
+        if i < len(rows):
+            if value is not None and not -10 <= float(value) <= 10:
+                gr.Warning("low-noise weight must be between -10 and 10")
+                return rows, gr.update(value=rows[i].get("low_noise_weight"))
+            rows[i]["low_noise_weight"] = None if value is None else float(value)
+        return rows, gr.update()
+
+    def guarded(field):
+        """enable / applies_to edits: refused (and reverted) when an expert would go over the cap."""
+
+        def handler(model_id, rows, value):
+            spec = spec_of(model_id)
+            rows = [dict(r) for r in rows]
+            if spec is None or i >= len(rows):
+                return rows, gr.update(), gr.update(), ""
+            candidate = [dict(r) for r in rows]
+            candidate[i][field] = value
+            message = sl.over_cap(candidate, spec)
+            if message:
+                gr.Warning(message)
+                return rows, gr.update(value=rows[i][field]), sl.cap_text(rows, spec), message
+            return candidate, gr.update(), sl.cap_text(candidate, spec), ""
+
+        return handler
+
+    def on_move(delta):
+        def handler(model_id, rows, report):
+            return redraw(model_id, sl.move(rows, i, delta), report)
+
+        return handler
+
+    def on_remove(model_id, rows, report):
+        rows = [r for j, r in enumerate(rows) if j != i]
+        return redraw(model_id, rows, report)
+
+    def on_triggers(model_id, rows, text):
+        spec = spec_of(model_id)
+        if spec is None or i >= len(rows):
+            return gr.update()
+        info = ctx.lora_info(spec.type, rows[i].get("file")) or {}
+        words = [w for w in info.get("trigger_words") or [] if w not in (text or "")]
+        return ", ".join([t for t in [(text or "").strip()] + words if t])
+
+    row.file.input(on_file, [model, rows_state, report_state, row.file], full, **PRIVATE)
+    row.slider.input(on_slider, [rows_state, row.slider], [rows_state, row.weight], **PRIVATE)
+    row.weight.input(on_weight, [rows_state, row.weight], [rows_state, row.slider, row.weight], **PRIVATE)
+    row.low_weight.input(on_low, [rows_state, row.low_weight], [rows_state, row.low_weight], **PRIVATE)
+    row.enabled.input(guarded("enabled"), [model, rows_state, row.enabled],
+                      [rows_state, row.enabled, editor.cap, editor.message], **PRIVATE)
+    row.applies_to.input(guarded("applies_to"), [model, rows_state, row.applies_to],
+                         [rows_state, row.applies_to, editor.cap, editor.message], **PRIVATE)
+    row.up.click(on_move(-1), [model, rows_state, report_state], full, **PRIVATE)
+    row.down.click(on_move(1), [model, rows_state, report_state], full, **PRIVATE)
+    row.remove.click(on_remove, [model, rows_state, report_state], full, **PRIVATE)
+    row.triggers.click(on_triggers, [model, rows_state, prompt], [prompt], **PRIVATE)

@@ -1,0 +1,115 @@
+"""Pure stack-editor rules (no gradio): rows as plain dicts, per-expert cap counts, pair offers, reasons."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from engine.catalog import ModelSpec
+from engine.types import LoraEntry, RequestError, Stack
+
+EXPERT_LABEL = {"high_noise": "high-noise expert", "low_noise": "low-noise expert", "single": "model"}
+ROW_FIELDS = ("file", "weight", "applies_to", "low_noise_weight", "enabled")
+
+
+def new_row(file: str = "", weight: float = 1.0, applies_to: str = "both") -> dict[str, Any]:
+    return {"file": file, "weight": weight, "applies_to": applies_to, "low_noise_weight": None, "enabled": True}
+
+
+def to_stack(rows: list[dict[str, Any]]) -> Stack:
+    """Rows with a file picked, as the engine's Stack (raises RequestError naming the bad row)."""
+    entries = []
+    for i, row in enumerate(rows):
+        if not row.get("file"):
+            continue
+        clean = {k: row.get(k) for k in ROW_FIELDS if row.get(k) is not None}
+        if row.get("sha256"):
+            clean["sha256"] = row["sha256"]
+        try:
+            entries.append(LoraEntry.from_dict(clean))
+        except RequestError as e:
+            raise RequestError(f"LoRA row {i + 1}: {e}") from None
+    return Stack(tuple(entries))
+
+
+def counts(rows: list[dict[str, Any]], spec: ModelSpec) -> dict[str, int]:
+    """Enabled, picked entries acting on each expert: what the cap limits."""
+    stack = Stack(tuple(LoraEntry(r["file"], applies_to=r.get("applies_to") or "both")
+                        for r in rows if r.get("file") and r.get("enabled", True)))
+    return {expert: len(stack.enabled_for(expert)) for expert in spec.experts}
+
+
+def cap_text(rows: list[dict[str, Any]], spec: ModelSpec) -> str:
+    """'2/2 on high-noise expert · 1/2 on low-noise expert'."""
+    return " · ".join(f"{n}/{spec.lora_cap} on {EXPERT_LABEL[e]}" for e, n in counts(rows, spec).items())
+
+
+def over_cap(rows: list[dict[str, Any]], spec: ModelSpec) -> str | None:
+    """The refusal message when some expert holds more than the cap, else None."""
+    for expert, n in counts(rows, spec).items():
+        if n > spec.lora_cap:
+            return (
+                f"LoRA cap reached: {spec.type} takes at most {spec.lora_cap} enabled LoRAs on the "
+                f"{EXPERT_LABEL[expert]} (this would make {n}). Disable or remove a row"
+                + (", move one to the other expert" if spec.dual_expert else "")
+                + f", or restart with --lora-cap {spec.type}={n}."
+            )
+    return None
+
+
+def can_add(rows: list[dict[str, Any]], spec: ModelSpec, max_rows: int) -> str | None:
+    """Why another enabled row cannot be added (None if it can)."""
+    if len(rows) >= max_rows:
+        return f"the editor holds {max_rows} rows; remove one first"
+    full = [e for e, n in counts(rows, spec).items() if n >= spec.lora_cap]
+    if len(full) == len(spec.experts):  # a new row could still go to a free expert otherwise
+        return over_cap(rows + [new_row("(new)")], spec)
+    return None
+
+
+def default_applies_to(rows: list[dict[str, Any]], spec: ModelSpec) -> str:
+    """'both' unless one expert is full, then the one with room."""
+    if not spec.dual_expert:
+        return "both"
+    n = counts(rows, spec)
+    free = [e for e in spec.experts if n[e] < spec.lora_cap]
+    return "both" if len(free) == len(spec.experts) else free[0]
+
+
+def move(rows: list[dict[str, Any]], index: int, delta: int) -> list[dict[str, Any]]:
+    rows = list(rows)
+    target = index + delta
+    if 0 <= index < len(rows) and 0 <= target < len(rows):
+        rows[index], rows[target] = rows[target], rows[index]
+    return rows
+
+
+_HIGH = re.compile(r"high", re.IGNORECASE)
+
+
+def pair_partner(file: str, available: list[str]) -> str | None:
+    """For a '...high...' file, its '...low...' partner in the folder, matching the case of each hit."""
+    if not file or not _HIGH.search(file):
+        return None
+
+    def swap(m: re.Match) -> str:
+        s = m.group(0)
+        return "LOW" if s.isupper() else "Low" if s[0].isupper() else "low"
+
+    # try replacing each occurrence alone (last first: the file name beats the folder), then all
+    hits = list(_HIGH.finditer(file))
+    candidates = [file[: m.start()] + swap(m) + file[m.end():] for m in reversed(hits)] + [_HIGH.sub(swap, file)]
+    return next((c for c in candidates if c in available and c != file), None)
+
+
+def clamp_slider(weight: float) -> float:
+    return max(-2.0, min(2.0, float(weight)))
+
+
+def human_bytes(n: int | None) -> str:
+    if not n:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
