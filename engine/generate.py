@@ -77,22 +77,47 @@ class Generator:
     # ---- one run ---------------------------------------------------------------------------
     def run(self, info: ModelInfo, spec: ModelSpec, req: GenerationRequest, on_event: EventCallback,
             out_path: str | Path | None = None, stream_video: bool = False) -> GenerationResult:
+        from engine import memory
         from engine.device import free_memory
 
         r = resolve_request(req, spec)
         image = _load_image(req.image, r) if req.image else None
+        n_loras = max((len(req.stack.enabled_for(e)) for e in spec.experts), default=0)
+        self.loras.check(spec, req.stack)
+        snapshot = memory.snapshot()
+        plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
+                               choice=req.offload, reserve_bytes=req.vram_reserve_bytes or self.settings.vram_reserve_bytes,
+                               dtype=None if snapshot.free_vram_bytes() is not None else "fp32")
+        if n_loras:
+            memory.require_stack_transient(plan.workload, plan, snapshot)
+        on_event("plan", plan.to_dict())
         self._cancel.clear()
         started = time.perf_counter()
-        try:
-            on_event("status", f"loading {info.id}")
+        notes: list[str] = []
+        state: dict[str, Any] = {}
+
+        def on_retry(message: str) -> None:
+            notes.append(message)
+            on_event("retry", message)
+
+        def attempt(current_plan):
             pipe = self.load(info, spec)
             _set_shift(pipe, r.shift)
-            lora_report = self._apply_loras(pipe, spec, req, on_event)
+            state["loras"] = self._apply_loras_and_plan(pipe, spec, req, current_plan, on_event)
+            state["plan"] = current_plan
             run_pipe = self._pipe_for(pipe, spec, image)
-            frames, offload_mode, notes = self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video)
+            return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video)
+
+        on_event("status", f"loading {info.id}")
+        try:
+            with memory.MemoryWatch(lambda sample: on_event("memory", sample.to_dict())) as watch:
+                frames = memory.run_with_oom_recovery(
+                    attempt, plan, on_retry, context=f"{r.width}x{r.height}, {r.frames} frames, {n_loras} LoRA(s)")
         finally:
             free_memory()
-        settings = _settings_json(info, spec, req, r, lora_report, offload_mode)
+        final_plan = state["plan"]
+        lora_report = state["loras"]
+        settings = _settings_json(info, spec, req, r, lora_report, final_plan.mode.value)
         path = Path(out_path) if out_path else _default_out(self.settings.outputs_dir, r.seed)
         from engine.video import write_mp4, write_sidecar
 
@@ -101,8 +126,9 @@ class Generator:
         seconds = time.perf_counter() - started
         return GenerationResult(
             path=str(path), seed=r.seed, frames=len(frames), width=frames[0].shape[1], height=frames[0].shape[0],
-            fps=r.fps, seconds=round(seconds, 3), offload=offload_mode, loras=lora_report, model_type=spec.type,
-            steps=r.steps, notes=notes, settings=settings,
+            fps=r.fps, seconds=round(seconds, 3), offload=final_plan.mode.value, loras=lora_report,
+            model_type=spec.type, steps=r.steps, notes=notes, settings=settings, plan=final_plan.to_dict(),
+            peak_vram_bytes=watch.peak_vram_bytes, peak_ram_bytes=watch.peak_ram_bytes,
         )
 
     def _pipe_for(self, pipe, spec: ModelSpec, image):
@@ -115,15 +141,43 @@ class Generator:
             return self._i2v_pipe
         return pipe
 
-    def _apply_loras(self, pipe, spec: ModelSpec, req: GenerationRequest, on_event: EventCallback) -> list[dict]:
-        """Merge the request's stack into the experts (a no-op when the stack is unchanged)."""
+    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event) -> list[dict]:
+        """Merge the request's stack into the experts and put the pipeline into the plan's offload mode.
+
+        The merge writes the weights in place, which every offload mode honours except group/sequential
+        offload with CUDA streams: those keep pinned CPU copies made when the hooks are installed. So a
+        changed stack under such hooks is merged with the hooks removed, and the hooks go back on after.
+        """
+        from engine.memory.offload import applied_mode, apply_plan, undo_plan
+
+        wanted = {"mode": plan.mode.value, "vae_tiling": plan.vae_tiling,
+                  "text_encoder_on_cpu": bool(plan.text_encoder_on_cpu and pipe.text_encoder is not None),
+                  "device": str(_plan_device(plan))}
+        current = applied_mode(pipe)
+        fingerprint = self._fingerprint(req.stack)
+        stack_changed = fingerprint != getattr(pipe, "_wanstack_stack", None)
+        copies_weights = current is not None and current["mode"] in ("group", "sequential") and "cuda" in current["device"]
+        if stack_changed and copies_weights:
+            undo_plan(pipe)
+            current = None
         if req.stack.entries:
             on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
         resolve = Path if self.settings.allow_lora_paths_outside else None
         report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
                                   resolve=resolve)
+        pipe._wanstack_stack = fingerprint
         on_event("loras", report)
+        if current != wanted:
+            apply_plan(pipe, plan, _plan_device(plan))
         return report
+
+    def _fingerprint(self, stack) -> str:
+        resolve = Path if self.settings.allow_lora_paths_outside else None
+        hashes = {}
+        for e in stack.entries:
+            path = self.loras.path_of(e.file, resolve)
+            hashes[e.file] = self.loras.sha256_of(path) if path.is_file() else "missing"
+        return stack.fingerprint(hashes)
 
     def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video):
         import torch
@@ -160,8 +214,7 @@ class Generator:
             raise GenerationCancelled(f"stopped after the last step of {r.steps}")
         on_event("status", "decoding")
         on_chunk = self._segment_writer(r.fps, on_event) if stream_video else None
-        frames = decode(pipe, latents, on_chunk=on_chunk)
-        return frames, "none", []
+        return decode(pipe, latents, on_chunk=on_chunk)
 
     def _segment_writer(self, fps: int, on_event: EventCallback):
         """Each decoded chunk becomes an MPEG-TS segment in outputs/.stream/, announced as "video_chunk"."""
@@ -218,6 +271,12 @@ def _to_uint8(video) -> list:
 
     x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return list(x.permute(1, 2, 3, 0).cpu().numpy())
+
+
+def _plan_device(plan):
+    import torch
+
+    return torch.device("cuda" if plan.device == "cuda" else "cpu")
 
 
 def _dtype_kw(dtype) -> dict:

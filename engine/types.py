@@ -167,6 +167,9 @@ class GenerationResult:
     steps: int = 0
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    peak_vram_bytes: int | None = None
+    peak_ram_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -116,7 +116,8 @@ def cmd_generate(args):
             print(payload, file=sys.stderr)
 
     result = engine.generate(req, on_event, out_path=args.out)
-    summary = {k: getattr(result, k) for k in ("path", "seed", "frames", "width", "height", "fps", "seconds", "offload", "loras", "model_type", "steps", "notes")}
     if args.json:
+        summary = result.to_dict()
+        summary.pop("settings")
         return summary
     return f"wrote {result.path}: {result.frames} frames {result.width}x{result.height}, seed {result.seed}, {result.seconds:.1f}s"
