@@ -119,6 +119,31 @@ class Engine:
                 raise RequestError(f"LoRA {entry.file} is not in {self.settings.loras_dir}; press refresh or remove the row")
         return self.loras.check(self.spec(model_type), stack)
 
+    # ---- memory ----------------------------------------------------------------------------
+    def vram(self) -> dict:
+        """GPU and RAM snapshot now (`available: false` with the reason when there is no usable GPU)."""
+        from engine import memory
+
+        return memory.snapshot().to_dict()
+
+    def plan(self, request: GenerationRequest) -> dict:
+        """The memory plan this request would get now: mode, VAE tiling, estimate and reasons."""
+        from engine import memory
+        from engine.request import resolve_request
+
+        info = self.find_model(request.model)
+        spec = self.spec(info.type)
+        r = resolve_request(request, spec)
+        snap = memory.snapshot()
+        n_loras = max((len(request.stack.enabled_for(e)) for e in spec.experts), default=0)
+        plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snap, choice=request.offload,
+                               reserve_bytes=request.vram_reserve_bytes or self.settings.vram_reserve_bytes,
+                               dtype=None if snap.free_vram_bytes() is not None else "fp32")
+        out = plan.to_dict()
+        if n_loras:
+            out["lora_transient"] = memory.check_stack_transient(plan.workload, plan, snap).message
+        return out
+
     # ---- generation ---------------------------------------------------------------------
     def generate(self, request: GenerationRequest, on_event: EventCallback | None = None, *,
                  out_path: str | Path | None = None, stream_video: bool = False) -> GenerationResult:
