@@ -1,195 +1,125 @@
-"""`lora merge`, lean: bake a LoRA stack into a copy of a diffusers model folder, tensor by tensor.
+"""Bake a LoRA stack into a copy of a diffusers-layout Wan model folder (`python -m engine lora merge`).
 
-Only the expert components whose weights change (or whose dtype changes) are rewritten; every
-other file is hard-linked (or copied when linking is impossible). Each shard is streamed with
-`ShardWriter`, so peak RAM is about one tensor plus the stack's patches. The copy is written to a
-hidden temp folder beside the output and renamed into place at the end; any failure (a full disk
-included) removes the temp folder, so there is never a partial model.
+Same application code as generation. The copy is written to a temporary sibling folder and renamed
+into place at the end, so a failed merge leaves no output and the source is never written.
 """
 from __future__ import annotations
 
-import errno
+import gc
 import json
 import logging
 import os
 import shutil
 import tempfile
-import time
+from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-from engine.lora import shards
-from engine.types import RequestError
+from engine.catalog import EXPERT_COMPONENT, get_spec
+from engine.lora.errors import LoraFormatError
+from engine.lora.manager import LoraManager
+from engine.types import RequestError, Stack
 
 log = logging.getLogger(__name__)
-
-MERGE_MARKER = "wanstack_merge.json"
-Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
-# (component, parameter name, source tensor) -> merged tensor in fp32 or the source dtype, or None when untouched.
-MergeFn = Callable[[str, str, object], object]
+MERGE_RECORD = "wanstack_merge.json"
 
 
-def check_output(model_dir: Path, out_dir: Path) -> None:
-    """Refuse outputs that would overwrite or nest inside the source, or clobber an existing folder."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if shards.is_inside(out_dir, model_dir):
-        raise RequestError(f"--out {out_dir} is inside the source model {model_dir}; write the merged model to a new folder")
-    if shards.is_inside(model_dir, out_dir):
-        raise RequestError(f"--out {out_dir} contains the source model {model_dir}; write the merged model to a new folder")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise RequestError(f"--out {out_dir} already exists and is not empty; pick a new folder name")
+def _stored_dtype(folder: Path):
+    """The floating dtype most weights of a transformer folder are stored in (kept as is by the merge)."""
+    from engine.lora.files import _ST_DTYPES, read_safetensors_header
+
+    counts: Counter[str] = Counter()
+    for file in folder.glob("*.safetensors"):
+        header, _ = read_safetensors_header(file)
+        for key, info in header.items():
+            if key != "__metadata__" and info["dtype"].startswith(("F", "BF")):
+                counts[info["dtype"]] += 1
+    return _ST_DTYPES.get(counts.most_common(1)[0][0]) if counts else None
 
 
-def _link_or_copy(src: Path, dst: Path) -> str:
+def merge_model(model_dir: str | Path, stack: Stack, out_dir: str | Path, *, skip_failing: bool = False,
+                allow_pickle: bool = False) -> dict[str, Any]:
+    from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    from engine.detect import detect
+
+    diffusers_logging.disable_progress_bar()
+
+    src, out = Path(model_dir), Path(out_dir)
+    info = detect(src)
+    if not info.ok or not info.type:
+        raise RequestError(f"--model {model_dir}: {info.reason}")
+    spec = get_spec(info.type)
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or out_r.is_relative_to(src_r) or src_r.is_relative_to(out_r):
+        raise RequestError(f"--out {out} overlaps the source model {src}; choose a folder outside it")
+    if out.exists():
+        raise RequestError(f"--out {out} already exists; choose a new folder (a merge never overwrites)")
+    if not stack.entries:
+        raise RequestError("no --lora given; pass at least one PATH[=WEIGHT[,APPLIES_TO]]")
+
+    def resolve(file: str) -> Path:
+        return Path(file).expanduser().resolve()
+
+    mgr = LoraManager(Path.cwd(), allow_pickle=allow_pickle)
+    warnings = mgr.check(spec, stack)
+    for entry in stack.entries:  # every file is read and checked before anything is written
+        if entry.enabled:
+            try:
+                mgr.load(resolve(entry.file))
+            except (LoraFormatError, OSError):
+                if not skip_failing:
+                    raise
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    report: dict[str, Any] = {"model": str(src), "model_type": spec.type, "out": str(out), "experts": {},
+                              "warnings": warnings}
     try:
-        os.link(src, dst)
-        return "linked"
-    except OSError:
-        shutil.copy2(src, dst)
-        return "copied"
-
-
-def _mirror(src: Path, dst: Path, counts: dict[str, int]) -> None:
-    """Recreate `src` under `dst` with hard links (copies across file systems)."""
-    for root, dirs, files in os.walk(src):
-        rel = Path(root).relative_to(src)
-        (dst / rel).mkdir(parents=True, exist_ok=True)
-        for name in files:
-            how = _link_or_copy(Path(root) / name, dst / rel / name)
-            counts[how] = counts.get(how, 0) + 1
-
-
-def _rewrite_component(src_dir: Path, dst_dir: Path, component: str, merge: MergeFn, dtype, progress: Progress | None,
-                       done_total: list[int], counts: dict[str, int]) -> int:
-    """Stream every shard of one component through `merge`; returns how many tensors changed."""
-    import torch
-
-    dst_dir.mkdir(parents=True)
-    changed = 0
-    with shards.TensorReader(src_dir) as reader:
-        shard_files = {p.name for p in reader.files.values()}
-        for item in sorted(src_dir.iterdir()):
-            if item.name in shard_files or item.name.endswith(".safetensors.index.json"):
+        components = {EXPERT_COMPONENT[e] for e in spec.experts}
+        for item in src.iterdir():
+            if item.name in components:
                 continue
             if item.is_dir():
-                _mirror(item, dst_dir / item.name, counts)
+                shutil.copytree(item, tmp / item.name, symlinks=False)
             else:
-                how = _link_or_copy(item, dst_dir / item.name)
-                counts[how] = counts.get(how, 0) + 1
-        total_bytes = 0
-        weight_map: dict[str, str] = {}
-        for shard_path, names in reader.by_shard():
-            layout = []
-            for name in names:
-                code = reader.dtype_code(name)
-                if dtype is not None and code in ("F32", "F16", "BF16", "F64"):
-                    code = shards.st_dtype_code(dtype)
-                layout.append((name, code, reader.shape(name)))
-            from safetensors import safe_open
-
-            with safe_open(str(shard_path), framework="pt") as f:
-                shard_meta = f.metadata() or {"format": "pt"}
-            with shards.ShardWriter(dst_dir / shard_path.name, layout, shard_meta) as writer:
-                for (name, code, _shape) in layout:
-                    w0 = reader.get(name)
-                    merged = merge(component, name, w0)
-                    out = w0 if merged is None else merged
-                    if merged is not None:
-                        changed += 1
-                    want = shards.torch_dtype(code)
-                    if out.dtype != want:
-                        out = out.to(want)
-                    writer.write(name, out)
-                    del w0, out, merged
-                    done_total[0] += 1
-                    if progress:
-                        progress(done_total[0], done_total[1], f"{component}.{name}")
-            total_bytes += (dst_dir / shard_path.name).stat().st_size
-            for name in names:
-                weight_map[name] = shard_path.name
-        index = sorted(src_dir.glob("*.safetensors.index.json"))
-        if index:
-            data = json.loads(index[0].read_text())
-            data.setdefault("metadata", {})["total_size"] = sum(
-                _nbytes(reader, n, dtype) for n in reader.keys()
-            )
-            data["weight_map"] = weight_map
-            (dst_dir / index[0].name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    del torch
-    return changed
-
-
-def _nbytes(reader: shards.TensorReader, name: str, dtype) -> int:
-    code = reader.dtype_code(name)
-    if dtype is not None and code in ("F32", "F16", "BF16", "F64"):
-        code = shards.st_dtype_code(dtype)
-    n = shards._itemsize(code)
-    for dim in reader.shape(name):
-        n *= dim
-    return n
-
-
-def bake_model(
-    model_dir: Path,
-    out_dir: Path,
-    merge: MergeFn,
-    touched: set[str],
-    *,
-    dtype: str | None = None,
-    marker: dict | None = None,
-    progress: Progress | None = None,
-) -> dict:
-    """Write a copy of `model_dir` to `out_dir` with `merge` applied to the components in `touched`.
-
-    `touched` names the expert components the stack changes; with `dtype` every expert component
-    is rewritten (cast), otherwise untouched ones are linked. Returns a JSON-able summary.
-    """
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    check_output(model_dir, out_dir)
-    components = shards.expert_components(model_dir)
-    target_dtype = shards.torch_dtype(dtype) if dtype else None
-    rewrite = [c for c in components if c in touched or target_dtype is not None]
-    started = time.monotonic()
-
-    total = 0
-    for c in rewrite:
-        total += len(shards.component_files(model_dir / c))
-    done_total = [0, total]
-    counts: dict[str, int] = {}
-    changed: dict[str, int] = {}
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        for item in sorted(model_dir.iterdir()):
-            if item.name in rewrite:
-                changed[item.name] = _rewrite_component(item, tmp / item.name, item.name, merge, target_dtype,
-                                                        progress, done_total, counts)
-            elif item.is_dir():
-                _mirror(item, tmp / item.name, counts)
-            else:
-                how = _link_or_copy(item, tmp / item.name)
-                counts[how] = counts.get(how, 0) + 1
-        if marker is not None:
-            (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # check_output allowed only an empty folder
-        os.replace(tmp, out_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise RequestError(f"disk full while writing {out_dir}; nothing was left behind, free space and retry") from None
-        raise RequestError(f"could not write {out_dir}: {e}; nothing was left behind") from None
+                shutil.copy2(item, tmp / item.name)
+        # One expert at a time so a two-expert model never holds both transformers in RAM.
+        for expert in spec.experts:
+            comp = EXPERT_COMPONENT[expert]
+            dtype = _stored_dtype(src / comp)
+            module = WanTransformer3DModel.from_pretrained(src, subfolder=comp, torch_dtype=dtype)
+            results = mgr.apply({expert: module}, spec, stack, skip_failing=skip_failing, resolve=resolve)
+            report["experts"][expert] = results
+            module.save_pretrained(tmp / comp, safe_serialization=True)
+            mgr.forget({expert: module})
+            del module
+            gc.collect()
+        (tmp / MERGE_RECORD).write_text(json.dumps(
+            {"source": str(src_r), "model_type": spec.type, "stack": stack.to_list(),
+             "loras": {e: [{k: r[k] for k in ("file", "sha256", "status", "weights")} for r in rs]
+                       for e, rs in report["experts"].items()}}, indent=2))
+        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {
-        "out": str(out_dir),
-        "source": str(model_dir),
-        "dtype": dtype,
-        "rewritten": rewrite,
-        "changed_tensors": changed,
-        "files_linked": counts.get("linked", 0),
-        "files_copied": counts.get("copied", 0),
-        "seconds": round(time.monotonic() - started, 2),
-    }
+    report["loras"] = _combine(report["experts"])
+    return report
+
+
+def _combine(per_expert: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per stack entry across experts: status, weights and coverage per expert."""
+    rows: list[dict[str, Any]] = []
+    for expert, results in per_expert.items():
+        for i, r in enumerate(results):
+            if i == len(rows):
+                rows.append({"file": r["file"], "sha256": r["sha256"], "status": r["status"], "weights": {},
+                             "coverage_by_expert": {}, "warnings": [], "reason": r["reason"]})
+            row = rows[i]
+            row["weights"].update(r["weights"])
+            row["coverage_by_expert"].update(r["coverage_by_expert"])
+            row["warnings"] += [w for w in r["warnings"] if w not in row["warnings"]]
+            if r["status"] == "applied" or row["status"] not in ("applied", "failed"):
+                row["status"] = r["status"] if row["status"] != "failed" else "failed"
+    return rows
