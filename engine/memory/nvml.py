@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 NVML_ERROR_REASONS = {
     "NVMLError_LibraryNotFound": "the NVIDIA driver library (libnvidia-ml) was not found, so there is no usable NVIDIA driver on this machine",
     "NVMLError_DriverNotLoaded": "the NVIDIA kernel driver is not loaded; check the driver install with `nvidia-smi`",
-    "NVMLError_NoPermission": "this user may not query the NVIDIA driver",
+    "NVMLError_NoPermission": "no permission to query the NVIDIA driver as this user",
     "NVMLError_GpuIsLost": "the GPU has fallen off the bus (GPU is lost); the machine needs a reboot",
     "NVMLError_NotSupported": "not supported on this GPU or in this mode (for example under MIG)",
     "NVMLError_FunctionNotFound": "the installed NVIDIA driver is too old for this query",

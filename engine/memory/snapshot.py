@@ -73,7 +73,7 @@ class MemorySnapshot:
         try:
             adapter.open()
         except adapter.error as e:
-            return cls(available=False, reason=f"no NVIDIA GPU: {describe_nvml_error(e)}", source="none", **ram)
+            return cls(available=False, reason=f"GPU memory cannot be read: {describe_nvml_error(e)}", source="none", **ram)
         try:
             return cls._read_devices(adapter, ram, torch_uuids, environ, psutil_module)
         finally:
