@@ -1,9 +1,9 @@
 """`lora convert`: rename a LoRA's keys between diffusers names and original Wan / ComfyUI names.
 
-Only names change: every tensor is written back bit for bit, `.alpha` stays as it is, and the
-file's metadata is kept. Module names go through engine.lora.names (the one Wan <-> diffusers
-table); this module only handles the key prefix (which expert) and the suffix (lora_A/B vs
-lora_down/up).
+Reading and normalisation are the LoRA engine's (files.read_lora_file, formats.parse_lora), so
+every format the app loads (diffusers/PEFT, Wan/ComfyUI, kohya/musubi, LightX2V diffs, two-expert
+files) can be converted. Only names change: every tensor is written back bit for bit, `.alpha`
+stays, and the file's metadata is kept. Module names go through engine.lora.names.
 
     diffusers  transformer.blocks.0.attn1.to_q.lora_A.weight
     comfy      diffusion_model.blocks.0.self_attn.q.lora_down.weight
@@ -13,38 +13,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from engine.lora.names import diffusers_to_wan, wan_to_diffusers
+from engine.lora.errors import LoraFormatError
+from engine.lora.names import diffusers_to_wan
 from engine.types import RequestError
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("diffusers", "comfy")
 
-# Key prefix -> (naming family, expert index). Index 0 is `transformer` (high-noise on A14B).
-PREFIXES: dict[str, tuple[str, int]] = {
-    "lora_transformer_2": ("diffusers", 1),
-    "lora_transformer": ("diffusers", 0),
-    "transformer_2": ("diffusers", 1),
-    "transformer": ("diffusers", 0),
-    "diffusion_model_2": ("comfy", 1),
-    "diffusion_model": ("comfy", 0),
+# Output suffix per patch role, in each naming (diff, diff_b, diff_m keep their names).
+_SUFFIX = {
+    "diffusers": {"down": "lora_A.weight", "up": "lora_B.weight"},
+    "comfy": {"down": "lora_down.weight", "up": "lora_up.weight"},
 }
-
-# Key suffixes in each naming; everything not listed keeps its suffix (alpha, diff, diff_b, diff_m, ...).
-_TO_COMFY_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-_TO_DIFFUSERS_SUFFIX = {v: k for k, v in _TO_COMFY_SUFFIX.items()}
-SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_down.weight", "lora_up.weight", "lora_B.bias",
-            "alpha", "diff", "diff_b", "diff_m")
-
-
-@dataclass(frozen=True)
-class ParsedKey:
-    prefix: str  # "" when the file has no prefix (some LightX2V files)
-    module: str  # e.g. blocks.0.attn1.to_q
-    suffix: str  # e.g. lora_A.weight
 
 
 def output_prefix(fmt: str, expert_index: int, two_experts: bool) -> str:
@@ -57,100 +40,84 @@ def output_prefix(fmt: str, expert_index: int, two_experts: bool) -> str:
     return "transformer_2" if expert_index else "transformer"
 
 
-def parse_key(key: str) -> ParsedKey:
-    """Split a key into prefix, module and suffix; raises RequestError for keys this tool cannot name."""
-    suffix = next((s for s in SUFFIXES if key.endswith("." + s)), None)
-    if suffix is None:
-        raise RequestError(
-            f"key {key!r} has no LoRA suffix ({', '.join(SUFFIXES)}); convert handles diffusers and Wan/ComfyUI LoRA files"
-        )
-    head = key[: -len(suffix) - 1]
-    prefix, _, rest = head.partition(".")
-    if prefix in PREFIXES and rest:
-        return ParsedKey(prefix, rest, suffix)
-    if head.startswith("blocks.") or wan_to_diffusers(head) or diffusers_to_wan(head):
-        return ParsedKey("", head, suffix)
-    raise RequestError(
-        f"key {key!r} has an unknown prefix {prefix!r}; convert reads {', '.join(sorted(PREFIXES))} "
-        "(kohya `lora_unet_*` files: load them in the app or `lora inspect` them instead)"
-    )
+def lora_key(fmt: str, expert_index: int, two_experts: bool, module: str, role: str) -> str:
+    """The key this tool writes for `module` (diffusers naming) and a role (down, up, alpha, diff, diff_b, diff_m)."""
+    if fmt == "comfy":
+        module = diffusers_to_wan(module) or module
+    return f"{output_prefix(fmt, expert_index, two_experts)}.{module}.{_SUFFIX[fmt].get(role, role)}"
 
 
-def source_family(parsed: list[ParsedKey]) -> str:
-    """'diffusers' or 'comfy', from the prefixes or, for unprefixed files, from the module names.
+def _diff_role(key: str) -> str:
+    for suffix, role in ((".diff_b", "diff_b"), (".lora_B.bias", "diff_b"), (".diff_m", "diff_m"), (".diff", "diff")):
+        if key.endswith(suffix):
+            return role
+    raise LoraFormatError(f"key {key!r} is a full difference without a diff/diff_b/diff_m suffix")
 
-    Decided per file, not per key: `blocks.N.norm2` is a valid name in both namings with swapped meanings.
+
+def _module_of(target: str, role: str) -> str:
+    """The module path a key is written under: parameter name minus .weight/.bias (bare parameters stay)."""
+    if role == "diff_b":
+        return target.removesuffix(".bias")
+    if role == "diff_m":
+        return target
+    return target.removesuffix(".weight")
+
+
+def convert_parsed(parsed, tensors: dict, to: str) -> tuple[dict, dict]:
+    """Rename the keys of a LoRA parsed by the engine (formats.parse_lora) to `to` naming.
+
+    Returns (new state dict, report). Tensors are the file's own objects: no copy, no cast. A
+    low-rank pair whose scale came from PEFT metadata instead of an `.alpha` key gets an `.alpha`
+    (= scale * rank), so the scale survives in loaders that ignore the metadata.
     """
-    families = {PREFIXES[p.prefix][0] for p in parsed if p.prefix}
-    if len(families) > 1:
-        raise RequestError("the file mixes diffusers (`transformer.`) and Wan/ComfyUI (`diffusion_model.`) keys; split it first")
-    if families:
-        return families.pop()
-    as_wan = sum(wan_to_diffusers(p.module) is not None and diffusers_to_wan(p.module) is None for p in parsed)
-    as_diffusers = sum(diffusers_to_wan(p.module) is not None and wan_to_diffusers(p.module) is None for p in parsed)
-    return "diffusers" if as_diffusers > as_wan else "comfy"
+    import torch
 
+    from engine.lora.formats import LOW, MAIN
 
-def convert_state_dict(tensors: dict, to: str) -> tuple[dict, dict]:
-    """Rename every key of a LoRA state dict to `to` naming. Returns (new dict, report).
-
-    Tensors are the same objects (no copy, no cast). Modules the name table does not know (e.g.
-    `blocks.0` for a LightX2V `diff_m`) keep their name under the new prefix and are listed in
-    the report as `kept_names`, so nothing is dropped silently.
-    """
     if to not in FORMATS:
         raise RequestError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
-    if not tensors:
-        raise RequestError("the LoRA file holds no tensors")
-    parsed = {key: parse_key(key) for key in tensors}
-    family = source_family(list(parsed.values()))
-    experts = {PREFIXES[p.prefix][1] if p.prefix else 0 for p in parsed.values()}
-    two_experts = experts == {0, 1}
-    to_map = diffusers_to_wan if to == "comfy" else wan_to_diffusers
-    suffix_map = _TO_COMFY_SUFFIX if to == "comfy" else _TO_DIFFUSERS_SUFFIX
-
+    if parsed.rejected:
+        key, reason = next(iter(parsed.rejected.items()))
+        raise LoraFormatError(
+            f"{parsed.name}: {len(parsed.rejected)} key(s) cannot be converted (e.g. {key}: {reason}); "
+            "convert keeps every tensor, so it stops rather than drop them"
+        )
+    slots = [s for s in (MAIN, LOW) if parsed.slots.get(s)]
+    two_experts = len(slots) == 2
     out: dict = {}
-    kept: set[str] = set()
-    for key, p in parsed.items():
-        module = p.module
-        if family != to:
-            renamed = to_map(module)
-            if renamed is None:
-                kept.add(module)
-            else:
-                module = renamed
-        expert = PREFIXES[p.prefix][1] if p.prefix else 0
-        new_key = f"{output_prefix(to, expert, two_experts)}.{module}.{suffix_map.get(p.suffix, p.suffix)}"
+    alpha_added = 0
+
+    def put(new_key: str, value, source_key: str) -> None:
         if new_key in out:
-            raise RequestError(f"keys {key!r} and another key both become {new_key!r}; the file has duplicate entries")
-        out[new_key] = tensors[key]
+            raise LoraFormatError(
+                f"{parsed.name}: {source_key} and another key both become {new_key}; the file has duplicate entries"
+            )
+        out[new_key] = value
+
+    for slot in slots:
+        index = 1 if slot == LOW else 0
+        for patch in parsed.patches(slot):
+            if patch.kind == "lowrank":
+                roles = ["down", "up", "alpha"]
+                module = _module_of(patch.target, "weight")
+            else:
+                roles = [_diff_role(patch.keys[0])]
+                module = _module_of(patch.target, roles[0])
+            for role, key in zip(roles, patch.keys):
+                put(lora_key(to, index, two_experts, module, role), tensors[key], key)
+            if patch.kind == "lowrank" and patch.alpha is None and patch.scale != 1.0:
+                alpha = torch.tensor(patch.scale * patch.rank, dtype=torch.float32)
+                put(lora_key(to, index, two_experts, module, "alpha"), alpha, patch.keys[0])
+                alpha_added += 1
     report = {
-        "from": family,
+        "from": parsed.formats,
+        "naming": parsed.style,
         "to": to,
         "tensors": len(out),
-        "experts": sorted(experts),
-        "renamed_modules": len({p.module for p in parsed.values()}) - len(kept) if family != to else 0,
-        "kept_names": sorted(kept),
+        "experts": ["high_noise", "low_noise"] if two_experts else (["low_noise"] if slots == [LOW] else ["single"]),
+        "alpha_added": alpha_added,
     }
     return out, report
-
-
-def read_lora_file(path: Path) -> tuple[dict, dict[str, str]]:
-    """All tensors (as stored, no cast) and the metadata of a safetensors LoRA file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RequestError(f"LoRA file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise RequestError(f"{path} is not a .safetensors file; convert reads safetensors only")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise RequestError(f"{path} is not a readable safetensors file ({e})") from None
-    return tensors, metadata
 
 
 def write_lora_file(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
@@ -167,15 +134,20 @@ def write_lora_file(path: Path, tensors: dict, metadata: dict[str, str]) -> None
         tmp.unlink(missing_ok=True)
 
 
-def convert_file(src: Path, to: str, out: Path) -> dict:
-    """Convert one LoRA file; returns the JSON-able report printed by the CLI."""
+def convert_file(src: Path, to: str, out: Path, *, allow_pickle: bool = False) -> dict:
+    """Convert one LoRA file (any format the engine reads); returns the JSON-able report printed by the CLI."""
+    from engine.lora.files import read_lora_file
+    from engine.lora.formats import parse_lora
+
     src, out = Path(src), Path(out)
-    if out.resolve() == src.resolve():
-        raise RequestError(f"--out {out} is the input file; pick a new file name so the original stays")
+    if to not in FORMATS:
+        raise RequestError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
     if out.suffix != ".safetensors":
         raise RequestError(f"--out {out} must end in .safetensors")
-    tensors, metadata = read_lora_file(src)
-    converted, report = convert_state_dict(tensors, to)
-    write_lora_file(out, converted, metadata)
-    log.info("converted %s (%s) -> %s (%s), %d tensors", src, report["from"], out, to, len(converted))
-    return {"file": str(src), "out": str(out), **report, "metadata_keys": sorted(metadata)}
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise RequestError(f"--out {out} is the input file; pick a new file name so the original stays")
+    lf = read_lora_file(src, allow_pickle=allow_pickle)
+    converted, report = convert_parsed(parse_lora(lf), lf.tensors, to)
+    write_lora_file(out, converted, lf.metadata)
+    log.info("converted %s (%s) -> %s (%s), %d tensors", src, ", ".join(report["from"]), out, to, len(converted))
+    return {"file": str(src), "out": str(out), **report, "metadata_keys": sorted(lf.metadata)}

@@ -146,7 +146,9 @@ def extract_lora(
         layers: list[dict] = []
         unchanged = 0
         for index, (component, src, tgt) in enumerate(readers):
-            prefix = convert.output_prefix("diffusers", index, two_experts)
+            def key(module: str, role: str, index: int = index) -> str:
+                return convert.lora_key(fmt, index, two_experts, module, role)
+
             for name in src.keys():
                 a = src.get(name)
                 b = tgt.get(name)
@@ -161,22 +163,21 @@ def extract_lora(
                 del a, b
                 module, _, leaf = name.rpartition(".")
                 if leaf == "bias":
-                    lora[f"{prefix}.{module}.diff_b"] = delta.to(stored)
+                    lora[key(module, "diff_b")] = delta.to(stored)
                     layers.append({"layer": f"{component}.{module}", "kind": "diff_b", "shape": list(delta.shape)})
                 elif leaf == "weight" and delta.ndim == 2 and not diff_only:
                     up, down = low_rank(delta, rank)
                     up, down = up.to(stored).contiguous(), down.to(stored).contiguous()
                     approx = up.to(torch.float32) @ down.to(torch.float32)
                     error = float(torch.linalg.norm(delta - approx) / torch.linalg.norm(delta))
-                    lora[f"{prefix}.{module}.lora_A.weight"] = down
-                    lora[f"{prefix}.{module}.lora_B.weight"] = up
-                    lora[f"{prefix}.{module}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
+                    lora[key(module, "down")] = down
+                    lora[key(module, "up")] = up
+                    lora[key(module, "alpha")] = torch.tensor(float(rank), dtype=torch.float32)
                     layers.append({"layer": f"{component}.{module}", "kind": "lora", "shape": list(delta.shape),
                                    "rel_error": error})
                 else:
                     # Full difference: norms, modulation tables, the patch conv, or every layer with --diff-only.
-                    key = f"{prefix}.{module}.diff" if leaf == "weight" else f"{prefix}.{name}.diff"
-                    lora[key] = delta.to(stored)
+                    lora[key(module if leaf == "weight" else name, "diff")] = delta.to(stored)
                     layers.append({"layer": f"{component}.{module if leaf == 'weight' else name}", "kind": "diff",
                                    "shape": list(delta.shape)})
     finally:
@@ -193,8 +194,6 @@ def extract_lora(
         "wanstack.rank": str(rank) if not diff_only else "full",
         "wanstack.experts": ",".join(components),
     }
-    if fmt == "comfy":
-        lora, _ = convert.convert_state_dict(lora, "comfy")
     convert.write_lora_file(out, lora, metadata)
 
     errors = [l["rel_error"] for l in layers if "rel_error" in l]

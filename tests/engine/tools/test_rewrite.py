@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from engine.lora import bake, shards
+from engine.lora import rewrite, shards
 from engine.lora.shards import TensorReader
 from engine.types import RequestError
 
@@ -21,11 +21,11 @@ def add_one_to_q(component, name, w0):
 def test_bake_rewrites_touched_component_and_links_the_rest(model_factory, tmp_path):
     model = model_factory(experts=2)
     out = tmp_path / "merged"
-    report = bake.bake_model(model, out, add_one_to_q, {"transformer"}, marker={"stack": []})
+    report = rewrite.rewrite_model(model, out, add_one_to_q, {"transformer"}, marker={"stack": []})
 
     assert report["rewritten"] == ["transformer"]
     assert report["changed_tensors"] == {"transformer": 2}
-    assert (out / bake.MERGE_MARKER).is_file()
+    assert (out / rewrite.MERGE_MARKER).is_file()
     # transformer_2, model_index.json, vae/config.json: hard links to the source files, not rewrites.
     for rel in ("transformer_2/config.json", "model_index.json", "vae/config.json"):
         assert os.path.samefile(out / rel, model / rel), rel
@@ -47,7 +47,7 @@ def test_dtype_rewrites_every_expert_and_loads_in_diffusers(model_factory, tmp_p
 
     model = model_factory(experts=2)
     out = tmp_path / "bf16"
-    report = bake.bake_model(model, out, add_one_to_q, {"transformer"}, dtype="bf16")
+    report = rewrite.rewrite_model(model, out, add_one_to_q, {"transformer"}, dtype="bf16")
     assert report["rewritten"] == ["transformer", "transformer_2"]
     with TensorReader(model / "transformer_2") as src, TensorReader(out / "transformer_2") as dst:
         for name in src.keys():
@@ -61,16 +61,16 @@ def test_dtype_rewrites_every_expert_and_loads_in_diffusers(model_factory, tmp_p
 def test_refuses_output_inside_or_over_the_source(model_factory, tmp_path):
     model = model_factory()
     with pytest.raises(RequestError, match="inside the source model"):
-        bake.bake_model(model, model, add_one_to_q, {"transformer"})
+        rewrite.rewrite_model(model, model, add_one_to_q, {"transformer"})
     with pytest.raises(RequestError, match="inside the source model"):
-        bake.bake_model(model, model / "merged", add_one_to_q, {"transformer"})
+        rewrite.rewrite_model(model, model / "merged", add_one_to_q, {"transformer"})
     with pytest.raises(RequestError, match="contains the source model"):
-        bake.bake_model(model, model.parent, add_one_to_q, {"transformer"})
+        rewrite.rewrite_model(model, model.parent, add_one_to_q, {"transformer"})
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("keep me")
     with pytest.raises(RequestError, match="already exists and is not empty"):
-        bake.bake_model(model, busy, add_one_to_q, {"transformer"})
+        rewrite.rewrite_model(model, busy, add_one_to_q, {"transformer"})
     assert (busy / "x").read_text() == "keep me"
 
 
@@ -88,7 +88,7 @@ def test_disk_full_leaves_no_partial_folder(model_factory, tmp_path, monkeypatch
     monkeypatch.setattr(shards.ShardWriter, "write", write_then_fail)
     out = tmp_path / "out" / "merged"
     with pytest.raises(RequestError, match="disk full while writing .*nothing was left behind"):
-        bake.bake_model(model, out, add_one_to_q, {"transformer"})
+        rewrite.rewrite_model(model, out, add_one_to_q, {"transformer"})
     assert calls["n"] == 5
     assert not out.exists()
     assert list((tmp_path / "out").iterdir()) == []
