@@ -93,6 +93,9 @@ class UIContext:
             self.engine.check_stack(spec.type, stack)
 
     # ---- presets ----------------------------------------------------------------------
+    def preset_choices(self) -> list[tuple[str, str]]:
+        return [(f"{p.name} · {p.model_type}", p.name) for p in self.store.list()]
+
     def preset_rows(self, name: str, spec: ModelSpec) -> tuple[list[dict[str, Any]], list[str]]:
         """A saved stack as editor rows, with missing/changed files marked; plus notes for the user."""
         if name not in self.store.names():

@@ -134,7 +134,8 @@ def format_gauge(sample: dict | None, peaks: dict) -> str:
         total_text = f" / {total / GIB:.1f}" if total else ""
         parts.append(f"{label} {bar} {used / GIB:.2f}{total_text} GiB (peak {peaks[key] / GIB:.2f})")
     if not parts and sample.get("available") is False:
-        return f"VRAM: {sample.get('reason', 'not available')}"
+        reason = str(sample.get("reason", "")).replace("'", "&#39;").replace('"', "&quot;")
+        return f"<span title='{reason}'>VRAM: not available (no NVIDIA GPU found; hover for why)</span>"
     return " &nbsp; ".join(parts)
 
 

@@ -87,7 +87,7 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
         def on_model(model_id, rows):
             spec = spec_of(model_id)
             return ([rows, None] + editor.render(rows, spec) + panel.settings_updates(model_id, spec)
-                    + [gr.update(choices=ctx.store.names())])
+                    + [gr.update(choices=ctx.preset_choices())])
 
         model.input(on_model, [model, rows_state], editor_out + settings_out + [presets.preset], **PRIVATE)
         demo.load(on_model, [model, rows_state], editor_out + settings_out + [presets.preset], **PRIVATE)

@@ -26,7 +26,7 @@ class PresetsPanel:
 
     def build(self):
         with gr.Row(equal_height=True, elem_id="preset-bar"):
-            self.preset = gr.Dropdown(self.ctx.store.names(), value=None, label="Named stack", show_label=False,
+            self.preset = gr.Dropdown(self.ctx.preset_choices(), value=None, label="Named stack", show_label=False,
                                       container=False, scale=3, min_width=140, elem_id="preset-picker")
             self.load = gr.Button("Load", size="sm", scale=0, min_width=56, elem_id="preset-load")
             self.name = gr.Textbox(show_label=False, container=False, placeholder="save as: name", scale=2,
@@ -51,7 +51,7 @@ class PresetsPanel:
 
         def picker(value=None):
             names = ctx.store.names()
-            return gr.update(choices=names, value=value if value in names else None)
+            return gr.update(choices=ctx.preset_choices(), value=value if value in names else None)
 
         def on_load(model_id, name, report):
             if not name:

@@ -150,10 +150,12 @@ class StackEditor:
             parts.append(_coverage(applied))
         if info.get("trigger_words"):
             parts.append("triggers: " + ", ".join(info["trigger_words"][:4]))
-        size = info.get("size_bytes")
+        if info.get("format"):
+            parts.append(str(info["format"]))
+        size, apply_bytes = info.get("size_bytes"), info.get("apply_memory_bytes") or info.get("size_bytes")
         if size:
-            # merged into the weights: memory only while applying (one delta at a time), none per step
-            parts.append(f"{sl.human_bytes(size)} · +{sl.human_bytes(size)} RAM while applying, 0 per step")
+            # merged into the weights: memory only while applying, nothing extra per step
+            parts.append(f"{sl.human_bytes(size)} file · +{sl.human_bytes(apply_bytes)} while applying, 0 per step")
         if info.get("expert_hint") and spec.dual_expert:
             parts.append(f"made for {info['expert_hint']}")
         return " · ".join(parts)

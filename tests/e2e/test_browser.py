@@ -1,0 +1,145 @@
+"""The app in headless Chromium: pick a model, build a stack to the cap, save/reload/load a preset,
+generate with live previews into a playing MP4, and stop a run midway."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+from pathlib import Path
+
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "e2e"
+
+pytestmark = pytest.mark.slow
+
+# Records every distinct preview image and the first time the final video gets a source.
+WATCH_JS = """
+() => {
+  window.__seen = {previews: [], video_at: null, started: performance.now()};
+  window.__watch = setInterval(() => {
+    const img = document.querySelector('#preview img');
+    const src = img && img.getAttribute('src');
+    const p = window.__seen.previews;
+    if (src && (p.length === 0 || p[p.length - 1].src !== src)) p.push({src, t: performance.now()});
+    const v = document.querySelector('#video video');
+    if (v && v.getAttribute('src') && window.__seen.video_at === null) window.__seen.video_at = performance.now();
+  }, 25);
+}
+"""
+
+
+def pick(page, elem_id: str, text: str) -> None:
+    page.click(f"#{elem_id} input")
+    page.locator("ul[role=listbox] li", has_text=text).first.click()
+    page.wait_for_timeout(300)
+
+
+def wait_text(page, selector: str, text: str, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        content = page.inner_text(selector)
+        if text in content:
+            return content
+        page.wait_for_timeout(100)
+    raise AssertionError(f"{selector} never showed {text!r}; last: {page.inner_text(selector)!r}")
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def test_stack_preset_generate_stop(page, app_server):
+    pick(page, "model-picker", "demo-wan2.2-t2v-a14b")
+    assert "2 experts" in page.inner_text("#model-note")
+    pick(page, "model-picker", "demo-wan2.1-t2v-1.3b")
+    wait_text(page, "#model-note", "random weights")
+    wait_text(page, "#cap-indicator", "0/2 on model")
+
+    # two LoRAs, weights set by typing (beyond the slider) and by the slider
+    page.click("#add-lora")
+    page.locator("#lora-row-0").wait_for(state="visible")
+    pick(page, "lora-file-0", "style-peft")
+    page.click("#add-lora")
+    page.locator("#lora-row-1").wait_for(state="visible")
+    pick(page, "lora-file-1", "detail-kohya")
+    wait_text(page, "#cap-indicator", "2/2 on model")
+    page.fill("#lora-weight-0 input", "3.5")
+    page.press("#lora-weight-0 input", "Tab")
+    page.locator("#lora-slider-1 input[type=range]").fill("-0.5")
+    page.wait_for_timeout(500)
+    assert page.input_value("#lora-weight-1 input") == "-0.5"
+    assert page.input_value("#lora-slider-0 input[type=range]") == "2"  # typed 3.5, slider pinned at its end
+    assert "keys" in page.inner_text("#lora-info-0") or "rank 4" in page.inner_text("#lora-info-0")
+
+    # a third enabled LoRA would pass the cap: refused with the reason and the flag to raise it
+    page.click("#add-lora")
+    message = wait_text(page, "#stack-message", "LoRA cap reached")
+    assert "--lora-cap demo-wan2.1-t2v-1.3b=3" in message
+    assert not page.locator("#lora-row-2").is_visible()
+    shot(page, "1-stack-at-cap")
+
+    # save, reload the page, load the preset back
+    page.fill("#preset-name :is(input, textarea)", "E2E stack")
+    page.click("#preset-save")
+    wait_text(page, "#preset-status", "saved")
+    page.reload()
+    page.wait_for_selector("#generate")
+    assert not page.locator("#lora-row-0").is_visible()
+    pick(page, "preset-picker", "E2E stack")
+    page.click("#preset-load")
+    wait_text(page, "#preset-status", "loaded")
+    assert page.input_value("#lora-weight-0 input") == "3.5"
+    assert page.input_value("#lora-weight-1 input") == "-0.5"
+    assert "detail-kohya" in page.input_value("#lora-file-1 input")
+    shot(page, "2-preset-loaded")
+
+    # generate: previews every step before the video, stack report, playable MP4 of the right length
+    page.fill("#prompt textarea", "a fox in the snow")
+    page.fill("#steps input", "6")
+    page.press("#steps input", "Tab")
+    page.evaluate(WATCH_JS)
+    page.click("#generate")
+    wait_text(page, "#run-status", "Done", timeout_s=120)
+    page.wait_for_timeout(500)
+    seen = page.evaluate("window.__seen")
+    shot(page, "3-generated")
+    before_video = [p for p in seen["previews"] if seen["video_at"] is None or p["t"] <= seen["video_at"]]
+    assert len(before_video) >= 2, seen
+    assert "keys applied" in page.inner_text("#stack-report")
+    assert "keys applied" in page.inner_text("#lora-info-0")  # coverage after apply, on the row
+    duration = page.evaluate("""async () => {
+        const v = document.querySelector('#video video');
+        if (v.readyState < 1) await new Promise(r => v.addEventListener('loadedmetadata', r, {once: true}));
+        v.muted = true; await v.play(); const t0 = v.currentTime;
+        await new Promise(r => setTimeout(r, 400));
+        return {duration: v.duration, advanced: v.currentTime !== t0 || v.ended, w: v.videoWidth};
+    }""")
+    assert abs(duration["duration"] - 9 / 8) < 0.2, duration
+    assert duration["advanced"] and duration["w"] == 64
+    src = page.get_attribute("#video video", "src")
+    body = page.request.get(src).body()
+    assert body[4:8] == b"ftyp"
+    mp4 = ARTIFACTS / "generated.mp4"
+    mp4.write_bytes(body)
+    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                            "stream=nb_read_frames,codec_name", "-of", "json", str(mp4)],
+                           capture_output=True, text=True, check=True)
+    stream = json.loads(probe.stdout)["streams"][0]
+    assert stream["codec_name"] == "h264" and int(stream["nb_read_frames"]) == 9
+
+    # stop mid-run: the app says where it stopped and is ready again
+    page.fill("#steps input", "60")
+    page.press("#steps input", "Tab")
+    page.click("#generate")
+    wait_text(page, "#run-status", "step 2/60", timeout_s=60)
+    page.click("#stop")
+    status = wait_text(page, "#run-status", "Stopped", timeout_s=30)
+    assert "of 60" in status
+    shot(page, "4-stopped")
+    page.fill("#steps input", "2")
+    page.press("#steps input", "Tab")
+    page.click("#generate")
+    wait_text(page, "#run-status", "Done", timeout_s=60)
+    assert page.locator("#history .thumbnail-item, #history button").count() >= 2

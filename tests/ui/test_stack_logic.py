@@ -1,0 +1,60 @@
+"""Stack editor rules: per-expert cap counts and refusals, pair offers, row moves, typed weights."""
+import pytest
+
+from engine.catalog import get_spec, with_lora_cap
+from engine.types import RequestError
+from ui import stack_logic as sl
+
+A14B = with_lora_cap(get_spec("wan2.2-t2v-a14b"), {})  # cap 2 per expert
+SINGLE = get_spec("demo-wan2.1-t2v-1.3b")  # cap 3
+
+
+def rows(*specs):
+    return [sl.new_row(f, applies_to=a) for f, a in specs]
+
+
+def test_cap_text_counts_each_expert():
+    r = rows(("a", "both"), ("b", "high_noise"))
+    assert sl.cap_text(r, A14B) == "2/2 on high-noise expert · 1/2 on low-noise expert"
+    r[1]["enabled"] = False
+    assert sl.cap_text(r, A14B) == "1/2 on high-noise expert · 1/2 on low-noise expert"
+    assert sl.cap_text(rows(("a", "both"), ("", "both")), SINGLE) == "1/3 on model"
+
+
+def test_over_cap_message_names_expert_and_flag():
+    msg = sl.over_cap(rows(("a", "both"), ("b", "both"), ("c", "high_noise")), A14B)
+    assert "high-noise expert" in msg and "--lora-cap wan2.2-t2v-a14b=3" in msg
+    assert sl.over_cap(rows(("a", "high_noise"), ("b", "high_noise"), ("c", "low_noise")), A14B) is None
+
+
+def test_can_add_routes_to_free_expert_then_refuses():
+    full_high = rows(("a", "high_noise"), ("b", "high_noise"))
+    assert sl.can_add(full_high, A14B, 6) is None
+    assert sl.default_applies_to(full_high, A14B) == "low_noise"
+    full = full_high + rows(("c", "low_noise"), ("d", "low_noise"))
+    assert "LoRA cap reached" in sl.can_add(full, A14B, 6)
+    three = rows(("a", "both"), ("b", "both"), ("c", "both"))
+    assert "--lora-cap demo-wan2.1-t2v-1.3b=4" in sl.can_add(three, SINGLE, 6)
+    assert "holds 2 rows" in sl.can_add(rows(("a", "both"), ("", "both")), SINGLE, 2)
+
+
+def test_pair_partner_matches_case_and_prefers_file_name():
+    files = ["speed/high/lightx2v_HIGH.safetensors", "speed/high/lightx2v_LOW.safetensors", "x_high_noise.safetensors",
+             "x_low_noise.safetensors"]
+    assert sl.pair_partner("speed/high/lightx2v_HIGH.safetensors", files) == "speed/high/lightx2v_LOW.safetensors"
+    assert sl.pair_partner("x_high_noise.safetensors", files) == "x_low_noise.safetensors"
+    assert sl.pair_partner("x_low_noise.safetensors", files) is None
+    assert sl.pair_partner("lonely_high.safetensors", files) is None
+
+
+def test_move_and_to_stack():
+    r = rows(("a", "both"), ("b", "both"), ("c", "both"))
+    assert [x["file"] for x in sl.move(r, 0, 1)] == ["b", "a", "c"]
+    assert [x["file"] for x in sl.move(r, 0, -1)] == ["a", "b", "c"]
+    r[1]["weight"] = 7.5  # typed beyond the slider
+    stack = sl.to_stack(r + [sl.new_row("")])
+    assert [e.file for e in stack.entries] == ["a", "b", "c"] and stack.entries[1].weight == 7.5
+    r[2]["weight"] = 12
+    with pytest.raises(RequestError, match="LoRA row 3"):
+        sl.to_stack(r)
+    assert sl.clamp_slider(7.5) == 2.0 and sl.clamp_slider(-3) == -2.0
