@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,15 +107,9 @@ def read_lora_file(path: str | Path, *, allow_pickle: bool = False, sha256: str 
         metadata: dict[str, str] = {}
         container = "pickle"
     else:
-        header, _ = read_safetensors_header(path)
+        header, data_start = read_safetensors_header(path)
         metadata = dict(header.get("__metadata__") or {})
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LoraFormatError(f"{path.name} is damaged and cannot be read as safetensors: {e}") from None
+        tensors = _read_tensors(path, header, data_start)
         container = "safetensors"
     if not tensors:
         raise LoraFormatError(f"{path.name} holds no tensors; it is not a LoRA")
@@ -125,6 +120,47 @@ def read_lora_file(path: str | Path, *, allow_pickle: bool = False, sha256: str 
             )
     digest = sha256 or file_sha256(path)
     return LoraFile(path, digest, size, tensors, metadata, container)
+
+
+def pread_into(fd: int, out, offset: int) -> None:
+    """Fill a contiguous CPU tensor from a file descriptor at `offset` (no mmap, no intermediate copy)."""
+    import torch
+
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    done, total = 0, len(view)
+    while done < total:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"short read at byte {offset + done}")
+        done += n
+
+
+def _read_tensors(path: Path, header: dict[str, Any], data_start: int) -> dict[str, Any]:
+    """Every tensor of a checked safetensors file, each read straight into its own buffer.
+
+    Reading with pread instead of safetensors' mmap keeps the process's resident memory at the
+    size of the tensors themselves (mapped file pages would count too while the file is open).
+    """
+    import torch
+
+    tensors: dict[str, Any] = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise LoraFormatError(f"{path.name}: tensor {key} has unsupported dtype {info.get('dtype')}")
+            start, end = (int(x) for x in info["data_offsets"])
+            t = torch.empty(tuple(info.get("shape", [])), dtype=dtype)
+            if t.numel() * t.element_size() != end - start:
+                raise LoraFormatError(f"{path.name}: tensor {key} size does not match its shape; the file is damaged")
+            pread_into(fd, t, data_start + start)
+            tensors[key] = t
+    finally:
+        os.close(fd)
+    return tensors
 
 
 def trigger_words(metadata: dict[str, str], limit: int = 20) -> list[str]:

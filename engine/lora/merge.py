@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.lora.files import _ST_DTYPES
+from engine.lora.files import _ST_DTYPES, pread_into
 from engine.types import WanStackError
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class WeightSource:
         """The stored tensor (or a slice of its first dimension), cast to `dtype` like from_pretrained does."""
         import torch
 
-        file, st_dtype, shape, offset, nbytes = self.index[name]
+        file, st_dtype, shape, offset, _ = self.index[name]
         tdtype = _ST_DTYPES.get(st_dtype)
         row_elems = 1
         for s in shape[1:]:
@@ -63,21 +63,13 @@ class WeightSource:
         if rows is not None and shape:
             r0, r1, _ = rows.indices(shape[0])
             offset += r0 * row_elems * elem
-            nbytes = (r1 - r0) * row_elems * elem
             shape = (r1 - r0, *shape[1:])
-        buf = bytearray(nbytes)
+        t = torch.empty(shape, dtype=tdtype)
         fd = os.open(file, os.O_RDONLY)
         try:
-            view = memoryview(buf)
-            done = 0
-            while done < nbytes:
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n <= 0:
-                    raise OSError(f"{file.name}: short read of {name}")
-                done += n
+            pread_into(fd, t, offset)
         finally:
             os.close(fd)
-        t = torch.frombuffer(buf, dtype=tdtype).reshape(shape) if nbytes else torch.empty(shape, dtype=tdtype)
         return t.to(dtype)
 
 
