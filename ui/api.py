@@ -1,6 +1,7 @@
 """Named API endpoints for gradio_client: /generate, /models, /loras, /presets."""
 from __future__ import annotations
 
+import json
 import logging
 
 import gradio as gr
@@ -15,26 +16,24 @@ log = logging.getLogger(__name__)
 def build_api(ctx: UIContext) -> None:
     """Call inside the Blocks context. /generate uses hidden components so files travel as Gradio files."""
     with gr.Column(visible=False, elem_id="api-inputs"):
-        model = gr.Textbox(label="model")
-        prompt = gr.Textbox(label="prompt")
-        negative = gr.Textbox(label="negative_prompt")
-        image = gr.Image(label="image", type="filepath")
-        stack = gr.Textbox(label="stack")
-        width = gr.Number(label="width", precision=0)
-        height = gr.Number(label="height", precision=0)
-        frames = gr.Number(label="frames", precision=0)
-        steps = gr.Number(label="steps", precision=0)
-        seed = gr.Number(label="seed", precision=0, value=-1)
-        video = gr.Video(label="video")
-        summary = gr.JSON(label="summary")
+        inputs = [
+            gr.Textbox(label="model"), gr.Textbox(label="prompt"), gr.Textbox(label="negative_prompt"),
+            gr.Image(label="image", type="filepath"), gr.Textbox(label="stack"),
+            gr.Number(label="width", precision=0), gr.Number(label="height", precision=0),
+            gr.Number(label="frames", precision=0), gr.Number(label="steps", precision=0),
+            gr.Number(label="seed", precision=0, value=-1),
+        ]
+        # summary is JSON *text*: gradio_client would take a dict with a "path" key for a file and download it
+        outputs = [gr.Video(label="video"), gr.Textbox(label="summary")]
         trigger = gr.Button("generate")
 
-    def generate(model_id, prompt_text, negative_text, image_path, stack_text, w, h, f, s, seed_value):
-        """Generate one video. `stack` is a JSON list of entries or a preset name. Returns (video, summary)."""
+    # parameter names are the API's keyword names (gradio_client: predict(model=..., stack=...))
+    def generate(model, prompt, negative_prompt, image, stack, width, height, frames, steps, seed):
+        """Generate one video. `stack` is a JSON list of entries or a preset name. Returns (video, summary JSON text)."""
         try:
-            spec = ctx.spec_for(model_id)
-            request = build_request(ctx, model_id, prompt_text, negative_text, image_path, w, h, f, s, seed_value,
-                                    ctx.stack_from_text(stack_text, spec))
+            spec = ctx.spec_for(model)
+            request = build_request(ctx, model, prompt, negative_prompt, image, width, height, frames, steps, seed,
+                                    ctx.stack_from_text(stack, spec))
             result = None
             for kind, payload in run_events(ctx, request, stream_video=False):
                 if kind == "result":
@@ -43,10 +42,9 @@ def build_api(ctx: UIContext) -> None:
             raise gr.Error(f"stopped: {e}") from None
         except (RequestError, WanStackError) as e:
             raise gr.Error(str(e)) from None
-        return result.path, summary_of(result)
+        return result.path, json.dumps(summary_of(result))
 
-    trigger.click(generate, [model, prompt, negative, image, stack, width, height, frames, steps, seed],
-                  [video, summary], api_name="generate", concurrency_limit=1, concurrency_id="gpu")
+    trigger.click(generate, inputs, outputs, api_name="generate", concurrency_limit=1, concurrency_id="gpu")
 
     def models() -> list[dict]:
         """Detected models: id, type, ok, reason, demo."""

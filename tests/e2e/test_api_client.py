@@ -1,0 +1,87 @@
+"""The named API from gradio_client: /generate with a stack gives a playable MP4; bad stacks get clear errors;
+/models, /loras and /presets list what the server has."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MODEL = "demo-wan2.1-t2v-1.3b"
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    from gradio_client import Client
+
+    return Client(app_server["url"], verbose=False)
+
+
+def generate(client, stack: str, steps: int = 2):
+    return client.predict(model=MODEL, prompt="a fox", negative_prompt="", image=None, stack=stack, width=64,
+                          height=64, frames=9, steps=steps, seed=7, api_name="/generate")
+
+
+def test_generate_with_stack_gives_playable_mp4(client):
+    stack = json.dumps([{"file": "demo/style-peft.safetensors", "weight": 0.8},
+                        {"file": "demo/motion-comfy.safetensors", "weight": -1.5}])
+    path, summary_text = generate(client, stack)
+    summary = json.loads(summary_text)
+    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                            "stream=codec_name,width,height,nb_read_frames", "-of", "json", path],
+                           capture_output=True, text=True, check=True)
+    stream = json.loads(probe.stdout)["streams"][0]
+    assert (stream["codec_name"], stream["width"], stream["height"], int(stream["nb_read_frames"])) == ("h264", 64, 64, 9)
+    assert summary["seed"] == 7 and summary["frames"] == 9 and summary["path"].endswith(".mp4")
+    assert [r["file"] for r in summary["loras"]] == ["demo/style-peft.safetensors", "demo/motion-comfy.safetensors"]
+    assert all(r["status"] == "applied" for r in summary["loras"])
+
+
+def test_generate_with_preset_name(client):
+    summary = json.loads(generate(client, "Demo style + detail", steps=1)[1])
+    assert [r["file"] for r in summary["loras"]] == ["demo/style-peft.safetensors", "demo/detail-kohya.safetensors"]
+
+
+@pytest.mark.parametrize("stack, message", [
+    ('[{"file": "nope.safetensors", "weight": 1}]', "unknown LoRA 'nope.safetensors'"),
+    ('[{"file": "../../etc/passwd", "weight": 1}]', "unknown LoRA '../../etc/passwd'"),
+    ("../../etc/passwd", "neither JSON nor a saved preset"),
+    (json.dumps([{"file": f, "weight": 1} for f in ("demo/style-peft.safetensors", "demo/motion-comfy.safetensors",
+                                                    "demo/detail-kohya.safetensors")]), "LoRA cap reached"),
+    ('[{"file": "demo/speed_high_noise.safetensors", "weight": 1}]', "does not fit"),
+    ('[{"file": "demo/style-peft.safetensors", "weight": 11}]', "between -10 and 10"),
+    ("[{not json", "not valid JSON"),
+])
+def test_bad_stacks_get_clear_errors(client, stack, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        generate(client, stack, steps=1)
+    assert message in str(info.value)
+
+
+def test_unknown_model_is_refused(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="not found; available"):
+        client.predict(model="/etc", prompt="x", negative_prompt="", image=None, stack="", width=64, height=64,
+                       frames=9, steps=1, seed=1, api_name="/generate")
+
+
+def test_listing_endpoints(client):
+    models = client.predict(api_name="/models")
+    assert {m["id"] for m in models} >= {MODEL, "demo-wan2.2-t2v-a14b"}
+    assert all(m["demo"] for m in models)
+    loras = client.predict(model=MODEL, api_name="/loras")
+    by_file = {d["file"]: d for d in loras}
+    assert by_file["demo/style-peft.safetensors"]["compatible"] is True
+    assert by_file["demo/speed_high_noise.safetensors"]["compatible"] is False
+    presets = client.predict(api_name="/presets")
+    assert "Demo speed pair A14B" in {p["name"] for p in presets}
+
+
+def test_only_named_endpoints_are_public(client):
+    names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert names == {"/generate", "/models", "/loras", "/presets"}
