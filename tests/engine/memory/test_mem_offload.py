@@ -95,6 +95,14 @@ def test_each_mode_matches_none_with_and_without_a_lora_edit(pipes, reference, p
         undo_plan(pipe)
     assert active_hooks(pipe) == []
     assert pipe.vae.use_tiling is False
+    # and the other order: a stack applied before the hooks survives them
+    restore = lora_like_edit(pipe)
+    apply_plan(pipe, plan, CPU)
+    try:
+        assert torch.equal(generate(pipe), edited)
+    finally:
+        undo_plan(pipe)
+        restore()
 
 
 @pytest.mark.slow
