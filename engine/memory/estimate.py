@@ -34,7 +34,6 @@ Where each constant comes from:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,7 +251,3 @@ def estimate(spec: ModelSpec, height: int, width: int, frames: int, *, loras: in
     """Peak bytes for one run under one offload mode (pure: no I/O, no torch)."""
     work = Workload(spec, height, width, frames, loras=loras, dtype=dtype, vae_dtype=vae_dtype, experts=experts)
     return work.estimate(mode, vae_tiling, text_encoder_on_cpu, device, use_stream)
-
-
-def replace(workload: Workload, **changes) -> Workload:
-    return dataclasses.replace(workload, **changes)
