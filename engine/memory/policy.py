@@ -160,8 +160,10 @@ def _details(workload: Workload, est: Estimate, tiling: bool, te_cpu: bool) -> l
         out.append(f"VAE tiling is on: decoding {size} in one piece would need {gib(untiled)} of working memory.")
     if te_cpu:
         out.append(f"The text encoder runs on the CPU: its weights alone need {gib(est.weights['text_encoder'])}.")
-    if workload.n_experts > 1 and est.mode != "none":
+    if workload.n_experts > 1 and est.mode == "model":
         out.append("Only one of the two experts is on the GPU at a time.")
+    elif workload.n_experts > 1 and est.mode in ("group", "sequential"):
+        out.append("Both experts stay in system RAM; only the block running now (and the next) is on the GPU.")
     if workload.loras:
         out.append(f"{workload.loras} LoRA(s) are merged into the weights before the run "
                    f"(a {gib(est.working['lora_merge'])} transient, nothing per step).")

@@ -76,7 +76,7 @@ def test_reasons_read_like_the_issue_example():
     assert re.fullmatch(r"needs \d+\.\d GiB, 15\.0 GiB free after the 1\.0 GiB reserve: "
                         r"group offload with VAE tiling \(est\. \d+\.\d GiB\)", first), first
     assert any("VAE tiling is on" in r for r in plan.reasons)
-    assert any("one of the two experts" in r for r in plan.reasons)
+    assert any("Both experts stay in system RAM" in r for r in plan.reasons)
 
 
 def test_fixed_choice_is_kept_and_warned_about_when_it_does_not_fit():
