@@ -236,3 +236,10 @@ def test_real_nvml_sees_the_cuda_device():
     assert snap.available, snap.reason
     g = snap.gpu(torch.cuda.current_device())
     assert g is not None and g.total_bytes == pytest.approx(torch.cuda.get_device_properties(0).total_memory, rel=0.05)
+
+
+def test_facade_snapshot_takes_injected_fakes():
+    import engine.memory
+
+    snap = engine.memory.snapshot(nvml=FakeNvml(), psutil_module=FakePsutil())
+    assert snap.available and snap.gpus[0].name == "RTX 4090"
