@@ -155,3 +155,14 @@ def test_shard_writer_output_reads_back(tmp_path):
     assert metadata == {"m": "1"}
     for k, v in tensors.items():
         assert torch.equal(back[k], v)
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (1100, 1050)])  # full SVD, and the randomized one above 1024
+def test_low_rank_is_exact_on_a_rank_r_matrix(shape):
+    from engine.lora.extract import FULL_SVD_MAX_SIDE, low_rank
+
+    assert (min(shape) > FULL_SVD_MAX_SIDE) == (shape[0] > 1000)
+    delta = low_rank_delta(shape, 4, seed=3)
+    up, down = low_rank(delta, 4)
+    assert up.shape == (shape[0], 4) and down.shape == (4, shape[1])
+    assert (torch.linalg.norm(delta - up @ down) / torch.linalg.norm(delta)).item() < 1e-5
