@@ -2,10 +2,11 @@
 chunks, final video, gauge and history. The engine runs in a worker thread; its events arrive on a queue."""
 from __future__ import annotations
 
+import base64
 import inspect
+import io
 import logging
 import queue
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ class Run:
         self.events: queue.Queue = queue.Queue()
         self.result: GenerationResult | None = None
         self.error: BaseException | None = None
+        self.finished = threading.Event()  # set as soon as the engine returns, before the queue drains
         kwargs = {}
         if stream_video and "stream_video" in inspect.signature(ctx.engine.generate).parameters:
             kwargs["stream_video"] = True
@@ -60,6 +62,7 @@ class Run:
         except BaseException as e:  # handed to the UI thread, which reports it
             self.error = e
         finally:
+            self.finished.set()
             self.events.put(("done", None))
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
@@ -70,17 +73,23 @@ class Run:
             yield kind, payload
 
 
-def preview_animation(frames, folder: Path, step: int) -> str | None:
-    """Latent preview frames (PIL images) as a looping GIF; a single image stays a PNG."""
+def preview_animation(frames, step: int, total: int) -> str:
+    """Latent preview frames (PIL images) as an inline looping GIF in an <img>.
+
+    Inline (a data URL) rather than a file: no copy into Gradio's cache and no second request, so
+    the preview lands with the step's update.
+    """
     if frames is None:
-        return None
+        return ""
     if not isinstance(frames, (list, tuple)):
         frames = [frames]
     if not frames:
-        return None
-    path = folder / f"preview-{step:04d}.gif"
-    frames[0].save(path, save_all=True, append_images=list(frames[1:]), duration=150, loop=0)
-    return str(path)
+        return ""
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=list(frames[1:]), duration=150, loop=0)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return (f"<div class='preview-box'><img alt='latent preview, step {step} of {total}' "
+            f"src='data:image/gif;base64,{data}'><span>latents · step {step}/{total}</span></div>")
 
 
 def format_report(loras: list[dict] | None) -> str:
@@ -149,7 +158,6 @@ def summary_of(result: GenerationResult) -> dict:
 
 def run_events(ctx: UIContext, request: GenerationRequest, progress=None, stream_video: bool = True):
     """Drive one run, yielding ('update', dict-of-fields) as events arrive and finally ('result', result)."""
-    folder = Path(tempfile.mkdtemp(prefix="wanstack-preview-"))
     run = Run(ctx, request, stream_video=stream_video)
     peaks: dict[str, int] = {}
     started = time.perf_counter()
@@ -165,7 +173,9 @@ def run_events(ctx: UIContext, request: GenerationRequest, progress=None, stream
             yield "update", {"status": f"⚠ {payload}"}
         elif kind == "memory":
             yield "update", {"gauge": format_gauge(payload, peaks)}
-        elif kind == "video_chunk" and isinstance(payload, str):
+        elif kind == "video_chunk" and isinstance(payload, str) and not run.finished.is_set():
+            # Each streamed segment costs Gradio an ffmpeg mux; once the MP4 exists, showing it beats
+            # catching the player up on segments.
             yield "update", {"chunk": payload}
         elif kind == "step":
             step_seconds.append(payload.seconds)
@@ -175,7 +185,7 @@ def run_events(ctx: UIContext, request: GenerationRequest, progress=None, stream
                     f" · {payload.expert.replace('_', '-')}")
             if progress is not None:
                 progress((payload.step, payload.total), desc=text, unit="steps")
-            yield "update", {"status": text, "preview": preview_animation(payload.preview, folder, payload.step)}
+            yield "update", {"status": text, "preview": preview_animation(payload.preview, payload.step, payload.total)}
     if run.error is not None:
         raise run.error
     run.result.notes = list(run.result.notes) + [f"wall time {time.perf_counter() - started:.2f} s"]

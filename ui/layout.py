@@ -51,10 +51,11 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
                 status = gr.Markdown("ready", elem_id="run-status", elem_classes="run-status")
                 gauge = gr.HTML("", elem_id="gauge")
                 with gr.Row(equal_height=True):
-                    preview = gr.Image(label="Live preview (latents)", type="filepath", height=200,
-                                       interactive=False, elem_id="preview", buttons=[])
+                    preview = gr.HTML("<div class='preview-box empty'><span>live preview of the latents, every step</span></div>",
+                                      elem_id="preview")
                     stream = gr.Video(label="Decoding…", streaming=True, autoplay=True, height=200,
-                                      interactive=False, elem_id="stream-video")
+                                      interactive=False, elem_id="stream-video",
+                                      visible=bool(panel.default_spec and not panel.default_spec.demo))
                 video = gr.Video(label="Video", height=260, interactive=False, autoplay=True, loop=True,
                                  elem_id="video")
                 report = gr.Markdown("", elem_id="stack-report", elem_classes="small-note")
@@ -93,12 +94,13 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
         demo.load(on_model, [model, rows_state], editor_out + settings_out + [presets.preset], **PRIVATE)
 
         run_inputs = [model, panel.prompt, panel.negative, panel.image, panel.resolution, panel.frames, panel.fps,
-                      panel.steps, panel.guidance, panel.guidance_2, panel.shift, panel.seed, rows_state, history_state]
+                      panel.steps, panel.guidance, panel.guidance_2, panel.shift, panel.seed, panel.stream_video, rows_state,
+                      history_state]
         run_outputs = [status, preview, stream, video, report, plan, gauge, summary, history_state, gallery,
                        report_state] + editor.outputs()
 
         def on_run(model_id, prompt, negative, image, resolution, frames, fps, steps, guidance, guidance_2, shift,
-                   seed, rows, history, progress=gr.Progress()):
+                   seed, stream_video, rows, history, progress=gr.Progress()):
             try:
                 spec = ctx.spec_for(model_id)
                 width, height = panel.size_of(spec, resolution)
@@ -106,11 +108,11 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
                                         sl.to_stack(rows), fps, guidance, guidance_2, shift)
             except (RequestError, WanStackError) as e:
                 raise gr.Error(str(e)) from None
-            yield {status: "starting…", preview: None, stream: None, video: None, report: "", plan: "",
+            yield {status: "starting…", preview: "", stream: None, video: None, report: "", plan: "",
                    summary: None}
             result = None
             try:
-                for kind, payload in run_events(ctx, request, progress):
+                for kind, payload in run_events(ctx, request, progress, stream_video=bool(stream_video)):
                     if kind == "result":
                         result = payload
                         continue
@@ -143,6 +145,7 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
         run_btn.click(on_run, run_inputs, run_outputs, api_visibility="private", concurrency_limit=1,
                       concurrency_id="gpu", show_progress="minimal")
         stop_btn.click(lambda: engine.cancel(), None, None, **PRIVATE)
+        panel.stream_video.change(lambda on: gr.update(visible=bool(on)), [panel.stream_video], [stream], **PRIVATE)
 
         def on_pick(history, evt: gr.SelectData):
             if not history or evt.index is None or evt.index >= len(history):

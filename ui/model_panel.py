@@ -65,8 +65,10 @@ class ModelPanel:
                                         elem_id="guidance-2")
             self.shift = gr.Number(d("shift", 5.0), label="Shift", minimum=0.1, maximum=50, step=0.5, scale=1,
                                    min_width=60, elem_id="shift")
-            self.seed = gr.Number(-1, label="Seed (-1 random)", precision=0, minimum=-1, scale=1, min_width=90,
+            self.seed = gr.Number(-1, label="Seed (-1 random)", precision=0, minimum=-1, scale=1, min_width=120,
                                   elem_id="seed")
+            self.stream_video = gr.Checkbox(not (spec and spec.demo), label="Stream video while decoding", scale=1, min_width=100,
+                                            elem_id="stream-toggle")
             self.duration = gr.Markdown(self.duration_text(d("frames", 81), d("fps", 16)), elem_id="duration",
                                         elem_classes="small-note")
 
@@ -98,11 +100,11 @@ class ModelPanel:
 
     def settings_outputs(self) -> list:
         return [self.model_note, self.image, self.resolution, self.frames, self.fps, self.steps, self.guidance,
-                self.guidance_2, self.shift, self.duration]
+                self.guidance_2, self.shift, self.duration, self.stream_video]
 
     def settings_updates(self, model_id: str | None, spec: ModelSpec | None) -> list:
         if spec is None:
-            return [self.note(model_id)] + [gr.update()] * 9
+            return [self.note(model_id)] + [gr.update()] * 10
         res = list(spec.resolutions) or [f"{spec.width}x{spec.height}"]
         default = next((k for k, v in spec.resolutions.items() if v == (spec.width, spec.height)), res[0])
         return [
@@ -118,6 +120,9 @@ class ModelPanel:
             gr.update(value=spec.guidance_2, visible=spec.dual_expert),
             gr.update(value=spec.shift),
             self.duration_text(spec.frames, spec.fps),
+            # Each streamed segment costs an ffmpeg mux in Gradio (~0.3 s here): worth it when decoding takes
+            # tens of seconds (real models), not for the demo's one-second decode.
+            gr.update(value=not spec.demo),
         ]
 
     @staticmethod

@@ -94,7 +94,9 @@ class StackEditor:
 
     # ---- rendering ----------------------------------------------------------------------
     def render(self, rows: list[dict], spec: ModelSpec | None, message: str = "", report: dict | None = None,
-               pair: str | None = None) -> list:
+               pair: str | None = None, only: range | set | None = None) -> list:
+        """Updates for `outputs()`. With `only`, rows outside it and the folder note are left untouched
+        (an empty update), which keeps small edits cheap."""
         if spec is None:
             return [gr.update(value="pick a model"), message, gr.update(visible=False), ""] + \
                 [gr.update(visible=False)] * (len(self.rows) * 9)
@@ -109,8 +111,11 @@ class StackEditor:
         elif not loras:
             note = f"No LoRA files in `{self.ctx.settings.loras_dir}`. Put .safetensors files there and rescan."
         pair_update = gr.update(visible=bool(pair), value=f"+ add low-noise partner {pair}" if pair else "")
-        out = [sl.cap_text(rows, spec), message, pair_update, note]
+        out = [sl.cap_text(rows, spec), message, pair_update, note if only is None else gr.update()]
         for i, row in enumerate(self.rows):
+            if only is not None and i not in only:
+                out += [gr.update()] * 9
+                continue
             if i >= len(rows):
                 out += [gr.update(visible=False)] + [gr.update()] * 8
                 continue
@@ -187,12 +192,12 @@ def wire(editor: StackEditor, model: Any, rows_state: Any, report_state: Any, pa
             log.debug("no spec for %r: %s", model_id, e)
             return None
 
-    def redraw(model_id, rows, report, message="", pair=None):
+    def redraw(model_id, rows, report, message="", pair=None, only=None):
         spec = spec_of(model_id)
         if message:
             gr.Warning(message)
         pair_file = pair["file"] if pair else None
-        return [rows, pair] + editor.render(rows, spec, message, report, pair_file)
+        return [rows, pair] + editor.render(rows, spec, message, report, pair_file, only)
 
     def on_add(model_id, rows, report):
         spec = spec_of(model_id)
@@ -200,8 +205,9 @@ def wire(editor: StackEditor, model: Any, rows_state: Any, report_state: Any, pa
             return redraw(model_id, rows, report, "pick a model first")
         reason = sl.can_add(rows, spec, ctx.max_rows)
         if reason:
-            return redraw(model_id, rows, report, reason)
-        return redraw(model_id, rows + [sl.new_row(applies_to=sl.default_applies_to(rows, spec))], report)
+            return redraw(model_id, rows, report, reason, only=set())
+        new = rows + [sl.new_row(applies_to=sl.default_applies_to(rows, spec))]
+        return redraw(model_id, new, report, only={len(rows)})
 
     def on_refresh(model_id, rows, report):
         spec = spec_of(model_id)
@@ -251,7 +257,7 @@ def _wire_row(i, row: Row, editor, model, rows_state, report_state, prompt, full
             partner = sl.pair_partner(file, ctx.compatible_files(spec.type))
             if partner and partner not in {r.get("file") for r in rows}:
                 pair = {"row": i, "file": partner}
-        return redraw(model_id, rows, report, pair=pair)
+        return redraw(model_id, rows, report, pair=pair, only={i})
 
     def on_slider(rows, value):
         rows = [dict(r) for r in rows]
@@ -298,13 +304,13 @@ def _wire_row(i, row: Row, editor, model, rows_state, report_state, prompt, full
 
     def on_move(delta):
         def handler(model_id, rows, report):
-            return redraw(model_id, sl.move(rows, i, delta), report)
+            return redraw(model_id, sl.move(rows, i, delta), report, only={i, i + delta})
 
         return handler
 
     def on_remove(model_id, rows, report):
         rows = [r for j, r in enumerate(rows) if j != i]
-        return redraw(model_id, rows, report)
+        return redraw(model_id, rows, report, only=range(i, ctx.max_rows))
 
     def on_triggers(model_id, rows, text):
         spec = spec_of(model_id)
