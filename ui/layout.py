@@ -155,8 +155,10 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
         gallery.select(on_pick, [history_state], [selected_state, picked], **PRIVATE)
 
         def on_reuse(index, history, report):
+            if not history:
+                raise gr.Error("no video in this session's history yet; generate one first")
             if index is None or index >= len(history):
-                raise gr.Error("pick a video in the history first")
+                index = len(history) - 1  # nothing picked: the latest run
             s = history[index]["settings"]
             try:
                 spec = ctx.spec_for(s["model"])

@@ -75,10 +75,10 @@ class StackEditor:
                 down = gr.Button("↓", size="sm", scale=0, min_width=30, elem_id=f"lora-down-{i}")
                 remove = gr.Button("✕", size="sm", scale=0, min_width=30, variant="stop", elem_id=f"lora-remove-{i}")
             with gr.Row(equal_height=True, elem_classes="row-detail"):
-                applies_to = gr.Dropdown(APPLIES, value="both", show_label=False, container=False, scale=2,
-                                         min_width=110, elem_id=f"lora-applies-{i}")
+                applies_to = gr.Dropdown(APPLIES, value="both", show_label=False, container=False, scale=0,
+                                         min_width=130, elem_id=f"lora-applies-{i}")
                 low_weight = gr.Number(value=None, minimum=-10, maximum=10, step=0.05, show_label=False,
-                                       container=False, placeholder="low-noise w", scale=1, min_width=80,
+                                       container=False, placeholder="low-noise w", scale=0, min_width=96,
                                        elem_id=f"lora-lowweight-{i}")
                 info = gr.Markdown("", elem_classes="row-info", elem_id=f"lora-info-{i}")
                 triggers = gr.Button("+ triggers", size="sm", scale=0, min_width=80, visible=False,
@@ -160,9 +160,9 @@ class StackEditor:
         size, apply_bytes = info.get("size_bytes"), info.get("apply_memory_bytes") or info.get("size_bytes")
         if size:
             # merged into the weights: memory only while applying, nothing extra per step
-            parts.append(f"{sl.human_bytes(size)} file · +{sl.human_bytes(apply_bytes)} while applying, 0 per step")
+            parts.append(f"{sl.human_bytes(size)} · +{sl.human_bytes(apply_bytes)} to apply, 0 per step")
         if info.get("expert_hint") and spec.dual_expert:
-            parts.append(f"made for {info['expert_hint']}")
+            parts.append(f"made for {str(info['expert_hint']).replace('_', '-')}")
         return " · ".join(parts)
 
 

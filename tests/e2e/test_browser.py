@@ -142,4 +142,67 @@ def test_stack_preset_generate_stop(page, app_server):
     page.press("#steps input", "Tab")
     page.click("#generate")
     wait_text(page, "#run-status", "Done", timeout_s=60)
-    assert page.locator("#history .thumbnail-item, #history button").count() >= 2
+    assert page.locator("#history button.thumbnail-item").count() == 2
+
+
+def test_two_expert_pair_triggers_lset_import_and_reuse(page, app_server, tmp_path):
+    pick(page, "model-picker", "demo-wan2.2-t2v-a14b")
+    wait_text(page, "#cap-indicator", "0/3 on high-noise expert · 0/3 on low-noise expert")
+    assert page.locator("#guidance-2").is_visible()
+
+    # picking a '...high...' file offers its '...low...' partner as a pair on the other expert
+    page.click("#add-lora")
+    page.locator("#lora-row-0").wait_for(state="visible")
+    assert page.locator("#lora-applies-0").is_visible()  # applies_to shows on two-expert models
+    pick(page, "lora-file-0", "speed_high_noise")
+    wait_text(page, "#add-pair", "speed_low_noise")
+    page.click("#add-pair")
+    page.locator("#lora-row-1").wait_for(state="visible")
+    assert "speed_low_noise" in page.input_value("#lora-file-1 input")
+    assert page.input_value("#lora-applies-1 input") == "low-noise"
+    assert page.input_value("#lora-applies-0 input") == "high-noise"
+    wait_text(page, "#cap-indicator", "1/3 on high-noise expert · 1/3 on low-noise expert")
+
+    # trigger words go into the prompt
+    page.click("#add-lora")
+    page.locator("#lora-row-2").wait_for(state="visible")
+    pick(page, "lora-file-2", "anime-a14b")
+    page.locator("#lora-triggers-2").wait_for(state="visible")
+    page.fill("#prompt textarea", "a cat")
+    page.click("#lora-triggers-2")
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('anime style')")
+    shot(page, "5-a14b-pair")
+
+    # a Wan2GP .lset file imports into a stack (phase multipliers -> experts)
+    lset = tmp_path / "Lightning pair.lset"
+    lset.write_text(json.dumps({"loras": ["speed_high_noise.safetensors", "speed_low_noise.safetensors"],
+                                "loras_mult": "1;0 0;0.8"}))
+    page.click("#preset-more")
+    with page.expect_file_chooser() as chooser:
+        page.click("#preset-import")
+    chooser.value.set_files(str(lset))
+    wait_text(page, "#preset-status", "imported")
+    assert page.locator("#lora-row-1").is_visible() and not page.locator("#lora-row-2").is_visible()
+    assert page.input_value("#lora-file-0 input") == "demo/speed_high_noise.safetensors"
+    assert page.input_value("#lora-weight-1 input") == "0.8"
+    assert page.input_value("#lora-applies-1 input") == "low-noise"
+
+    # generate, change things, then "Reuse these settings" restores prompt, seed and stack
+    page.fill("#prompt textarea", "reuse me")
+    page.fill("#seed input", "1234")
+    page.press("#seed input", "Tab")
+    page.fill("#steps input", "2")
+    page.press("#steps input", "Tab")
+    page.click("#generate")
+    wait_text(page, "#run-status", "Done", timeout_s=120)
+    page.fill("#prompt textarea", "something else")
+    page.click("#lora-remove-0")
+    page.locator("#lora-row-1").wait_for(state="hidden")
+    page.locator("#history button.thumbnail-item").first.click()
+    page.wait_for_timeout(300)
+    page.click("#reuse")
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'reuse me'")
+    page.locator("#lora-row-1").wait_for(state="visible")
+    assert page.input_value("#seed input") == "1234"
+    assert page.input_value("#lora-file-0 input") == "demo/speed_high_noise.safetensors"
+    shot(page, "6-reused")
