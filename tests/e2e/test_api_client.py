@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 MODEL = "demo-wan2.1-t2v-1.3b"
 
@@ -85,3 +85,18 @@ def test_listing_endpoints(client):
 def test_only_named_endpoints_are_public(client):
     names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
     assert names == {"/generate", "/models", "/loras", "/presets"}
+
+
+def test_queue_is_bounded_and_says_so(client):
+    """One GPU job at a time; with --queue-size 4, extra submissions are refused with 'Queue is full'."""
+    jobs = [client.submit(model=MODEL, prompt="q", negative_prompt="", image=None, stack="", width=64, height=64,
+                          frames=9, steps=3, seed=i, api_name="/generate") for i in range(8)]
+    errors, done = [], 0
+    for job in jobs:
+        try:
+            job.result(timeout=300)
+            done += 1
+        except Exception as e:  # noqa: BLE001 - the client raises its own types; the message is what we check
+            errors.append(str(e))
+    assert done >= 1
+    assert errors and all("Queue is full" in e or "queue is full" in e.lower() for e in errors), errors
