@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--lora", required=True, action="append", metavar="SPEC",
                    help="PATH[=WEIGHT[,APPLIES_TO]]; repeatable, applied in order")
     p.add_argument("--out", required=True, type=Path, help="new folder to write (must not exist)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="cast the experts' weights (merged on the cast weights); default: keep the stored dtype")
     p.add_argument("--skip-failing", action="store_true", help="leave out a LoRA that fails to load, and report it")
     p.add_argument("--allow-pickle", action="store_true", help="also read .pt/.ckpt/.bin with torch.load(weights_only=True)")
     p.add_argument("--json", action="store_true")
@@ -70,10 +72,16 @@ def _inspect_table(info: dict) -> str:
 
 def cmd_merge(args):
     from engine.cli.core import parse_lora_spec
+    from engine.cli.lora_tools import TerminalProgress
     from engine.lora.bake import merge_model
 
     stack = Stack(tuple(parse_lora_spec(s) for s in args.lora))
-    report = merge_model(args.model, stack, args.out, skip_failing=args.skip_failing, allow_pickle=args.allow_pickle)
+    progress = TerminalProgress("merge")
+    try:
+        report = merge_model(args.model, stack, args.out, dtype=args.dtype, skip_failing=args.skip_failing,
+                             allow_pickle=args.allow_pickle, progress=progress)
+    finally:
+        progress.close()
     if args.json:
         return report
     lines = [f"wrote {report['out']} ({report['model_type']})"]

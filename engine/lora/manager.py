@@ -199,6 +199,50 @@ class LoraManager:
         if bad:
             raise RequestError(f"experts {bad} are not experts of {spec.type} ({', '.join(spec.experts)})")
         global_warnings = self.check(spec, stack)
+        paths, hashes, results = self._resolve_files(stack, skip_failing, resolve)
+        module_ids = tuple((name, id(m)) for name, m in sorted(experts.items()))
+        fingerprint = stack.fingerprint(hashes)
+        if self._last is not None and self._last[:3] == (module_ids, fingerprint, skip_failing):
+            self.last_stats = {"unchanged": True, "seconds": time.perf_counter() - t0}
+            return [dict(r) for r in self._last[3]]
+
+        mergers = {name: self._merger(m) for name, m in experts.items()}
+        shapes = {name: mg.shapes() for name, mg in mergers.items()}
+        desired = self._desired(spec, stack, shapes, paths, results, skip_failing)
+        stats = {}
+        for name, mg in mergers.items():
+            s = mg.set(desired[name])
+            stats[name] = {"written": s.written, "restored": s.restored, "unchanged": s.unchanged,
+                           "file_backed": s.file_backed, "copied_bytes": s.copied_bytes,
+                           "originals_bytes": mg.originals_bytes(), "seconds": round(s.seconds, 4)}
+        for row in results:
+            row["warnings"] = global_warnings_for(row["file"], global_warnings) + row["warnings"]
+        self.last_stats = {"unchanged": False, "experts": stats, "seconds": time.perf_counter() - t0}
+        self._last = (module_ids, fingerprint, skip_failing, [dict(r) for r in results])
+        log.info("LoRA stack applied in %.3fs: %s", self.last_stats["seconds"], stats)
+        return results
+
+    def plan(self, spec: ModelSpec, stack: Stack, shapes: dict[str, dict[str, tuple[int, ...]]], *,
+             skip_failing: bool = False, resolve: Resolver | None = None
+             ) -> tuple[dict[str, dict[str, list[Contribution]]], list[dict[str, Any]]]:
+        """What `apply` would merge, without a module: (expert -> parameter -> contributions, per-entry rows).
+
+        `shapes` maps each expert to its parameter shapes (e.g. merge.model_param_shapes of its folder).
+        Used by the streamed `lora merge` (engine/lora/rewrite.py), which applies the same contributions
+        tensor by tensor with merge.merged_tensor.
+        """
+        bad = [e for e in shapes if e not in spec.experts]
+        if bad:
+            raise RequestError(f"experts {bad} are not experts of {spec.type} ({', '.join(spec.experts)})")
+        global_warnings = self.check(spec, stack)
+        paths, _hashes, results = self._resolve_files(stack, skip_failing, resolve)
+        desired = self._desired(spec, stack, shapes, paths, results, skip_failing)
+        for row in results:
+            row["warnings"] = global_warnings_for(row["file"], global_warnings) + row["warnings"]
+        return desired, results
+
+    def _resolve_files(self, stack: Stack, skip_failing: bool, resolve: Resolver | None):
+        """Paths and sha256 of the enabled entries, and one report row per entry."""
         paths: dict[int, Path] = {}
         hashes: dict[str, str] = {}
         results: list[dict[str, Any]] = []
@@ -218,16 +262,13 @@ class LoraManager:
                     raise
                 row.update(status="failed", reason=str(e))
                 paths.pop(i, None)
-        module_ids = tuple((name, id(m)) for name, m in sorted(experts.items()))
-        fingerprint = stack.fingerprint(hashes)
-        if self._last is not None and self._last[:3] == (module_ids, fingerprint, skip_failing):
-            self.last_stats = {"unchanged": True, "seconds": time.perf_counter() - t0}
-            return [dict(r) for r in self._last[3]]
+        return paths, hashes, results
 
-        mergers = {name: self._merger(m) for name, m in experts.items()}
-        shapes = {name: mg.shapes() for name, mg in mergers.items()}
+    def _desired(self, spec: ModelSpec, stack: Stack, shapes: dict[str, dict], paths: dict[int, Path],
+                 results: list[dict[str, Any]], skip_failing: bool) -> dict[str, dict[str, list[Contribution]]]:
+        """Contributions per expert and parameter, in stack order; fills coverage into `results`."""
         model_width = width_of_shapes(next(iter(shapes.values()))) if shapes else None
-        desired: dict[str, dict[str, list[Contribution]]] = {name: {} for name in experts}
+        desired: dict[str, dict[str, list[Contribution]]] = {name: {} for name in shapes}
         for i, entry in enumerate(stack.entries):
             row = results[i]
             if i not in paths:
@@ -235,7 +276,7 @@ class LoraManager:
             try:
                 parsed = self.load(paths[i])
                 check_family(parsed, model_width, spec.label, entry.file)
-                plan = self._plan_entry(i, entry, parsed, spec, experts, shapes, row)
+                plan = self._plan_entry(i, entry, parsed, spec, shapes, shapes, row)
             except (LoraFormatError, LoraIncompatibleError) as e:
                 if not skip_failing:
                     raise
@@ -244,18 +285,7 @@ class LoraManager:
             for expert, contribs in plan.items():
                 for c in contribs:
                     desired[expert].setdefault(c.patch.target, []).append(c)
-        stats = {}
-        for name, mg in mergers.items():
-            s = mg.set(desired[name])
-            stats[name] = {"written": s.written, "restored": s.restored, "unchanged": s.unchanged,
-                           "file_backed": s.file_backed, "copied_bytes": s.copied_bytes,
-                           "originals_bytes": mg.originals_bytes(), "seconds": round(s.seconds, 4)}
-        for row in results:
-            row["warnings"] = global_warnings_for(row["file"], global_warnings) + row["warnings"]
-        self.last_stats = {"unchanged": False, "experts": stats, "seconds": time.perf_counter() - t0}
-        self._last = (module_ids, fingerprint, skip_failing, [dict(r) for r in results])
-        log.info("LoRA stack applied in %.3fs: %s", self.last_stats["seconds"], stats)
-        return results
+        return desired
 
     def _plan_entry(self, i: int, entry: LoraEntry, parsed: ParsedLora, spec: ModelSpec, experts: dict[str, Any],
                     shapes: dict[str, dict], row: dict[str, Any]) -> dict[str, list[Contribution]]:

@@ -254,39 +254,58 @@ class ModuleMerger:
     # -- the merge itself ------------------------------------------------------------------------
 
     def _write(self, name: str, param, contribs: list[Contribution], *, w0_is_live: bool) -> int:
-        import torch
-
         data = param.data
-        device = data.device
-        flat = data.reshape(data.shape[0], -1) if data.ndim >= 2 else data.reshape(1, -1)
-        if flat.data_ptr() != data.data_ptr() or not data.is_contiguous():
-            raise WanStackError(f"parameter {name} is not contiguous; cannot merge a LoRA into it in place")
-        out_dim, in_dim = flat.shape
-        ups, downs, diffs = [], [], []
-        for c in contribs:
-            p = c.patch
-            if p.kind == "lowrank":
-                r = int(p.down.shape[0])
-                ups.append(p.up.reshape(out_dim, r).to(device=device, dtype=torch.float32) * (c.weight * p.scale))
-                downs.append(p.down.reshape(r, in_dim).to(device=device, dtype=torch.float32))
-            else:
-                diffs.append((c.weight, p.diff.reshape(out_dim, in_dim)))
-        up = torch.cat(ups, dim=1) if ups else None
-        down = torch.cat(downs, dim=0) if downs else None
-        step = _chunk_rows(in_dim) if data.ndim >= 2 else out_dim
-        for r0 in range(0, out_dim, step):
-            rows = slice(r0, min(r0 + step, out_dim))
-            if w0_is_live:
-                acc = flat[rows].to(torch.float32, copy=True)
-            else:
-                w0 = self._w0(name, param, rows if data.ndim >= 2 else None)
-                acc = w0.reshape(-1, in_dim).to(device=device, dtype=torch.float32, copy=True)
-            if up is not None:
-                acc.addmm_(up[rows], down)
-            for w, d in diffs:
-                acc.add_(d[rows].to(device=device, dtype=torch.float32), alpha=w)
-            flat[rows].copy_(acc)
-        return 2 * out_dim * in_dim * (down.shape[0] if down is not None else 0)
+        w0_rows = None if w0_is_live else (lambda rows: self._w0(name, param, rows if data.ndim >= 2 else None))
+        return write_merged(data, contribs, w0_rows, name=name)
+
+
+def merged_tensor(w0, contribs: list[Contribution]):
+    """`w0` with the contributions merged, written into `w0` itself and returned (same dtype).
+
+    The exact code in-place application runs (write_merged), so a model baked tensor by tensor
+    (`lora merge`, engine/lora/rewrite.py) equals the in-place merge bit for bit.
+    """
+    write_merged(w0, contribs, None, name="tensor")
+    return w0
+
+
+def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str = "") -> int:
+    """Write `W0 + sum_i w_i * scale_i * (B_i @ A_i) (+ w_i * diff_i)` into `data`, fp32 accumulation in row chunks.
+
+    `w0_rows(rows)` returns W0's rows when `data` no longer holds W0; None means `data` still holds it.
+    Returns the GEMM flops.
+    """
+    import torch
+
+    device = data.device
+    flat = data.reshape(data.shape[0], -1) if data.ndim >= 2 else data.reshape(1, -1)
+    if flat.data_ptr() != data.data_ptr() or not data.is_contiguous():
+        raise WanStackError(f"parameter {name} is not contiguous; cannot merge a LoRA into it in place")
+    out_dim, in_dim = flat.shape
+    ups, downs, diffs = [], [], []
+    for c in contribs:
+        p = c.patch
+        if p.kind == "lowrank":
+            r = int(p.down.shape[0])
+            ups.append(p.up.reshape(out_dim, r).to(device=device, dtype=torch.float32) * (c.weight * p.scale))
+            downs.append(p.down.reshape(r, in_dim).to(device=device, dtype=torch.float32))
+        else:
+            diffs.append((c.weight, p.diff.reshape(out_dim, in_dim)))
+    up = torch.cat(ups, dim=1) if ups else None
+    down = torch.cat(downs, dim=0) if downs else None
+    step = _chunk_rows(in_dim) if data.ndim >= 2 else out_dim
+    for r0 in range(0, out_dim, step):
+        rows = slice(r0, min(r0 + step, out_dim))
+        if w0_rows is None:
+            acc = flat[rows].to(torch.float32, copy=True)
+        else:
+            acc = w0_rows(rows).reshape(-1, in_dim).to(device=device, dtype=torch.float32, copy=True)
+        if up is not None:
+            acc.addmm_(up[rows], down)
+        for w, d in diffs:
+            acc.add_(d[rows].to(device=device, dtype=torch.float32), alpha=w)
+        flat[rows].copy_(acc)
+    return 2 * out_dim * in_dim * (down.shape[0] if down is not None else 0)
 
 
 def _chunk_rows(cols: int) -> int:

@@ -85,10 +85,9 @@ def _rewrite_component(src_dir: Path, dst_dir: Path, component: str, merge: Merg
                 if dtype is not None and code in ("F32", "F16", "BF16", "F64"):
                     code = shards.st_dtype_code(dtype)
                 layout.append((name, code, reader.shape(name)))
-            from safetensors import safe_open
+            from engine.lora.files import read_safetensors_header
 
-            with safe_open(str(shard_path), framework="pt") as f:
-                shard_meta = f.metadata() or {"format": "pt"}
+            shard_meta = read_safetensors_header(shard_path)[0].get("__metadata__") or {"format": "pt"}
             with shards.ShardWriter(dst_dir / shard_path.name, layout, shard_meta) as writer:
                 for (name, code, _shape) in layout:
                     w0 = reader.get(name)
@@ -193,3 +192,4 @@ def rewrite_model(
         "files_copied": counts.get("copied", 0),
         "seconds": round(time.monotonic() - started, 2),
     }
+

@@ -1,8 +1,9 @@
 """Tensor-by-tensor access to a diffusers model folder's safetensors shards, for the LoRA tools.
 
-Reading goes through `safetensors.safe_open` (memory-mapped), so a tool holds one tensor at a
-time, never a whole model. `ShardWriter` writes a safetensors file tensor by tensor: the header
-is known up front (names, dtypes, shapes), so nothing has to be collected in memory first.
+Reading uses pread into each tensor's own buffer (the LoRA engine's WeightSource), never a
+memory map, so a tool holds one tensor at a time, never a whole model. `ShardWriter` writes a
+safetensors file tensor by tensor: the header is known up front (names, dtypes, shapes), so
+nothing has to be collected in memory first.
 """
 from __future__ import annotations
 
@@ -66,12 +67,13 @@ def component_files(component_dir: Path) -> dict[str, Path]:
     shards = sorted(component_dir.glob("*.safetensors"))
     if not shards:
         raise RequestError(f"{component_dir} holds no .safetensors weights; point at a diffusers-layout model folder")
-    from safetensors import safe_open
+    from engine.lora.files import read_safetensors_header
 
     files: dict[str, Path] = {}
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():
+        header, _ = read_safetensors_header(shard)
+        for name in header:
+            if name != "__metadata__":
                 files[name] = shard
     return files
 
@@ -98,12 +100,22 @@ def component_config(component_dir: Path) -> dict:
 
 
 class TensorReader:
-    """Read one component's tensors by name, one at a time, through memory-mapped safe_open handles."""
+    """Read one component's tensors by name, one at a time.
+
+    Reads go through the LoRA engine's WeightSource (pread straight into the tensor's buffer): with
+    safe_open's memory map, every page read would stay in the process's resident set until the
+    file is closed, so a streamed pass over a model would still peak at the model's size.
+    """
 
     def __init__(self, component_dir: Path):
+        from engine.lora.merge import WeightSource
+
         self.component_dir = Path(component_dir)
         self.files = component_files(self.component_dir)
-        self._handles: dict[Path, object] = {}
+        self._source = WeightSource(self.component_dir)
+        missing = sorted(set(self.files) - set(self._source.index))
+        if missing:
+            raise RequestError(f"{self.component_dir}: tensor {missing[0]} is listed but not in any .safetensors file")
 
     def __enter__(self) -> "TensorReader":
         return self
@@ -112,29 +124,19 @@ class TensorReader:
         self.close()
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.__exit__(None, None, None)
-        self._handles.clear()
-
-    def _handle(self, name: str):
-        from safetensors import safe_open
-
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt").__enter__()
-        return self._handles[path]
+        """Nothing stays open between reads; kept so readers can be used as context managers."""
 
     def keys(self) -> list[str]:
         return sorted(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return tuple(self._source.index[name][2])
 
     def dtype_code(self, name: str) -> str:
-        return self._handle(name).get_slice(name).get_dtype()
+        return self._source.index[name][1]
 
     def get(self, name: str):
-        return self._handle(name).get_tensor(name)
+        return self._source.read(name, torch_dtype(self.dtype_code(name)))
 
     def by_shard(self) -> Iterator[tuple[Path, list[str]]]:
         """(shard path, names in that shard) in file order, so a rewrite can keep the same sharding."""
