@@ -75,8 +75,9 @@ class UIContext:
     def lora_info(self, model_type: str, file: str) -> dict[str, Any] | None:
         return next((d for d in self.loras(model_type) if d["file"] == file), None)
 
-    def check_stack(self, spec: ModelSpec, stack: Stack) -> None:
-        """Every file is one the server listed and compatible; caps hold. RequestError otherwise."""
+    def check_stack(self, spec: ModelSpec, stack: Stack) -> list[str]:
+        """Every file is one the server listed and compatible; caps hold. RequestError otherwise.
+        Returns the engine's warnings (e.g. a high-noise LoRA set to act on both experts)."""
         known = {d["file"]: d for d in self.loras(spec.type)}
         for e in stack.entries:
             info = known.get(e.file)
@@ -90,7 +91,8 @@ class UIContext:
         if message:
             raise RequestError(message)
         if hasattr(self.engine, "check_stack"):
-            self.engine.check_stack(spec.type, stack)
+            return list(self.engine.check_stack(spec.type, stack) or [])
+        return []
 
     # ---- presets ----------------------------------------------------------------------
     def preset_choices(self) -> list[tuple[str, str]]:

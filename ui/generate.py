@@ -22,11 +22,16 @@ GIB = 1 << 30
 
 
 def build_request(ctx: UIContext, model_id: str, prompt: str, negative: str, image: str | None, width, height,
-                  frames, steps, seed, stack, fps=None, guidance=None, guidance_2=None, shift=None) -> GenerationRequest:
-    """Check every client-supplied name against the server's lists and build the engine request."""
+                  frames, steps, seed, stack, fps=None, guidance=None, guidance_2=None, shift=None,
+                  warn=None) -> GenerationRequest:
+    """Check every client-supplied name against the server's lists and build the engine request.
+    `warn(text)` receives the engine's stack warnings (the UI shows them as toasts)."""
     info = ctx.model(model_id)  # RequestError if not one of ours
     spec = ctx.engine.spec(info.type)
-    ctx.check_stack(spec, stack)
+    for warning in ctx.check_stack(spec, stack):
+        log.info("stack warning: %s", warning)
+        if warn is not None:
+            warn(warning)
 
     def num(value, cast):
         return None if value is None or value == "" else cast(value)
@@ -127,25 +132,41 @@ def format_plan(plan: dict | None) -> str:
     return text
 
 
-def format_gauge(sample: dict | None, peaks: dict) -> str:
-    """VRAM/RAM gauge from a 'memory' event (or an engine.vram() snapshot)."""
+def format_gauge(sample: dict | None, final: bool = False) -> str:
+    """VRAM/RAM gauge from a 'memory' event sample (or an engine.vram() snapshot)."""
     if not sample:
         return ""
     parts = []
-    for key, label in (("vram", "VRAM"), ("ram", "RAM")):
-        used = sample.get(f"{key}_used_bytes")
-        total = sample.get(f"{key}_total_bytes")
+    if sample.get("vram_used_bytes") is None:
+        reason = str(sample.get("reason") or "NVML gave no figures").replace("'", "&#39;").replace('"', "&quot;")
+        parts.append(f"<span title='{reason}'>VRAM: not available (hover for why)</span>")
+    for key, label, peak_key, peak_label in (("vram", "VRAM", "peak_vram_bytes", "peak"),
+                                             ("ram", "RAM", "peak_ram_bytes", "app peak")):
+        used, total = sample.get(f"{key}_used_bytes"), sample.get(f"{key}_total_bytes")
         if used is None:
             continue
-        peaks[key] = max(peaks.get(key, 0), sample.get(f"{key}_peak_bytes") or used)
         pct = 100 * used / total if total else 0
         bar = f"<span class='gauge'><span style='width:{pct:.0f}%'></span></span>" if total else ""
-        total_text = f" / {total / GIB:.1f}" if total else ""
-        parts.append(f"{label} {bar} {used / GIB:.2f}{total_text} GiB (peak {peaks[key] / GIB:.2f})")
-    if not parts and sample.get("available") is False:
-        reason = str(sample.get("reason", "")).replace("'", "&#39;").replace('"', "&quot;")
-        return f"<span title='{reason}'>VRAM: not available (no NVIDIA GPU found; hover for why)</span>"
-    return " &nbsp; ".join(parts)
+        text = f"{label} {bar} {used / GIB:.2f}" + (f" / {total / GIB:.1f}" if total else "") + " GiB"
+        if sample.get(peak_key):
+            text += f" ({peak_label} {sample[peak_key] / GIB:.2f})"
+        parts.append(text)
+    prefix = "<b>after the run</b> · " if final else ""
+    return prefix + " &nbsp; ".join(parts)
+
+
+def sample_from_snapshot(snap: dict | None) -> dict | None:
+    """engine.vram() snapshot -> the 'memory' event's sample shape, for the idle gauge."""
+    if not snap:
+        return None
+    gpu = (snap.get("gpus") or [{}])[0]
+    as_int = (lambda v: v if isinstance(v, int) else None)
+    total, avail = snap.get("ram_total_bytes"), snap.get("ram_available_bytes")
+    return {
+        "vram_used_bytes": as_int(gpu.get("used_bytes")), "vram_total_bytes": as_int(gpu.get("total_bytes")),
+        "ram_used_bytes": total - avail if total and avail is not None else None, "ram_total_bytes": total,
+        "reason": snap.get("reason"),
+    }
 
 
 def summary_of(result: GenerationResult) -> dict:
@@ -159,7 +180,7 @@ def summary_of(result: GenerationResult) -> dict:
 def run_events(ctx: UIContext, request: GenerationRequest, progress=None, stream_video: bool = True):
     """Drive one run, yielding ('update', dict-of-fields) as events arrive and finally ('result', result)."""
     run = Run(ctx, request, stream_video=stream_video)
-    peaks: dict[str, int] = {}
+    last_sample: dict | None = None
     started = time.perf_counter()
     step_seconds: list[float] = []
     for kind, payload in run:
@@ -172,7 +193,8 @@ def run_events(ctx: UIContext, request: GenerationRequest, progress=None, stream
         elif kind == "retry":
             yield "update", {"status": f"⚠ {payload}"}
         elif kind == "memory":
-            yield "update", {"gauge": format_gauge(payload, peaks)}
+            last_sample = payload
+            yield "update", {"gauge": format_gauge(payload)}
         elif kind == "video_chunk" and isinstance(payload, str) and not run.finished.is_set():
             # Each streamed segment costs Gradio an ffmpeg mux; once the MP4 exists, showing it beats
             # catching the player up on segments.
@@ -189,7 +211,8 @@ def run_events(ctx: UIContext, request: GenerationRequest, progress=None, stream
     if run.error is not None:
         raise run.error
     run.result.notes = list(run.result.notes) + [f"wall time {time.perf_counter() - started:.2f} s"]
-    yield "update", {"gauge_final": peaks}
+    if last_sample:
+        yield "update", {"gauge": format_gauge(last_sample, final=True)}
     yield "result", run.result
 
 

@@ -10,7 +10,7 @@ from engine.types import GenerationCancelled, RequestError, WanStackError
 from ui import stack_logic as sl
 from ui.api import build_api
 from ui.context import UIContext
-from ui.generate import build_request, format_gauge, request_for_history, run_events, summary_of
+from ui.generate import build_request, format_gauge, request_for_history, run_events, sample_from_snapshot, summary_of
 from ui.model_panel import ModelPanel
 from ui.presets_panel import PresetsPanel
 from ui.stack_editor import PRIVATE, StackEditor, wire
@@ -105,7 +105,7 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
                 spec = ctx.spec_for(model_id)
                 width, height = panel.size_of(spec, resolution)
                 request = build_request(ctx, model_id, prompt, negative, image, width, height, frames, steps, seed,
-                                        sl.to_stack(rows), fps, guidance, guidance_2, shift)
+                                        sl.to_stack(rows), fps, guidance, guidance_2, shift, warn=gr.Warning)
             except (RequestError, WanStackError) as e:
                 raise gr.Error(str(e)) from None
             yield {status: "starting…", preview: "", stream: None, video: None, report: "", plan: "",
@@ -183,7 +183,7 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
         reuse.click(on_reuse, [selected_state, history_state, report_state],
                     [model, panel.prompt, panel.negative, panel.seed, rows_state, pair_state] + settings_out
                     + editor.outputs(), **PRIVATE)
-        demo.load(lambda: format_gauge(_vram(engine), {}), None, [gauge], **PRIVATE)
+        demo.load(lambda: format_gauge(sample_from_snapshot(_vram(engine))), None, [gauge], **PRIVATE)
     demo.wanstack_ctx = ctx  # for tests and app.py
     return demo
 

@@ -58,3 +58,19 @@ def test_move_and_to_stack():
     with pytest.raises(RequestError, match="LoRA row 3"):
         sl.to_stack(r)
     assert sl.clamp_slider(7.5) == 2.0 and sl.clamp_slider(-3) == -2.0
+
+
+def test_gauge_formats_samples_snapshots_and_missing_gpu():
+    from ui.generate import format_gauge, sample_from_snapshot
+
+    gib = 1 << 30
+    text = format_gauge({"vram_used_bytes": 3 * gib, "vram_total_bytes": 24 * gib, "ram_used_bytes": 5 * gib,
+                         "ram_total_bytes": 16 * gib, "peak_vram_bytes": 4 * gib, "peak_ram_bytes": 2 * gib}, final=True)
+    assert "after the run" in text and "3.00 / 24.0 GiB (peak 4.00)" in text and "(app peak 2.00)" in text
+    snap = {"available": False, "reason": "no NVIDIA driver", "gpus": [], "ram_total_bytes": 16 * gib,
+            "ram_available_bytes": 12 * gib}
+    text = format_gauge(sample_from_snapshot(snap))
+    assert "VRAM: not available" in text and "no NVIDIA driver" in text and "4.00 / 16.0 GiB" in text
+    gpu = {"available": True, "gpus": [{"used_bytes": gib, "total_bytes": 8 * gib}], "ram_total_bytes": None,
+           "ram_available_bytes": None}
+    assert "1.00 / 8.0 GiB" in format_gauge(sample_from_snapshot(gpu))
