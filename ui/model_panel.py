@@ -59,18 +59,19 @@ class ModelPanel:
                                    min_width=60, elem_id="steps")
         with gr.Row():
             self.guidance = gr.Number(d("guidance", 5.0), label="Guidance", minimum=0, maximum=30, step=0.5, scale=1,
-                                      min_width=70, elem_id="guidance")
-            self.guidance_2 = gr.Number(d("guidance_2", None), label="Guidance (low-noise)", minimum=0, maximum=30,
-                                        step=0.5, scale=1, min_width=70, visible=bool(spec and spec.dual_expert),
+                                      min_width=90, elem_id="guidance")
+            self.guidance_2 = gr.Number(d("guidance_2", None), label="Low-noise guidance", minimum=0, maximum=30,
+                                        step=0.5, scale=1, min_width=130, visible=bool(spec and spec.dual_expert),
                                         elem_id="guidance-2")
             self.shift = gr.Number(d("shift", 5.0), label="Shift", minimum=0.1, maximum=50, step=0.5, scale=1,
-                                   min_width=60, elem_id="shift")
-            self.seed = gr.Number(-1, label="Seed (-1 random)", precision=0, minimum=-1, scale=1, min_width=120,
+                                   min_width=80, elem_id="shift")
+            self.seed = gr.Number(-1, label="Seed (-1 random)", precision=0, minimum=-1, scale=1, min_width=130,
                                   elem_id="seed")
-            self.stream_video = gr.Checkbox(not (spec and spec.demo), label="Stream video while decoding", scale=1, min_width=100,
-                                            elem_id="stream-toggle")
+        with gr.Row(equal_height=True):
             self.duration = gr.Markdown(self.duration_text(d("frames", 81), d("fps", 16)), elem_id="duration",
                                         elem_classes="small-note")
+            self.stream_video = gr.Checkbox(not (spec and spec.demo), label="Stream video while decoding",
+                                            container=False, elem_id="stream-toggle")
 
     def note(self, model_id: str | None) -> str:
         if not model_id:
