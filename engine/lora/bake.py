@@ -35,8 +35,10 @@ def merge_model(
     """Write `out_dir`: `model_dir` with `stack` merged into its experts; returns the summary and the
     LoRA engine's per-entry report (status, weights and coverage per expert, warnings).
 
-    `dtype` (bf16|fp16|fp32) casts every expert's floating weights (the merge runs on the cast weights,
-    as in-place application on a model loaded in that dtype does); None keeps the stored dtypes.
+    `dtype` (bf16|fp16|fp32) casts every expert's floating weights, except the modules diffusers keeps in
+    fp32 when loading in a lower precision (norms, modulation tables, time embedder); the merge runs on the
+    cast weights, as in-place application on a model loaded with that torch_dtype does. None keeps the
+    stored dtypes.
     Entry files are taken as given (absolute or relative to the working directory) unless `resolve` is set.
     """
     from engine.detect import detect
@@ -49,7 +51,8 @@ def merge_model(
     if not info.ok or not info.type:
         raise RequestError(f"--model {model_dir}: {info.reason}")
     spec = with_lora_cap(get_spec(info.type), lora_caps or {})
-    target_dtype = shards.torch_dtype(dtype) if dtype else None
+    torch_dtype = shards.torch_dtype
+    target_dtype = torch_dtype(dtype) if dtype else None
     if not stack.entries:
         raise RequestError("no --lora given; pass at least one PATH[=WEIGHT[,APPLIES_TO]]")
     if resolve is None:
@@ -63,12 +66,23 @@ def merge_model(
     touched = {EXPERT_COMPONENT[e] for e, params in desired.items()
                if any(c.weight != 0.0 for cs in params.values() for c in cs)}
 
+    keep_fp32 = None
+    if target_dtype is not None:
+        from diffusers import WanTransformer3DModel
+
+        # Loading with torch_dtype keeps these modules in fp32 (diffusers' own list); write them as they are used.
+        kept = tuple(WanTransformer3DModel._keep_in_fp32_modules or ())
+
+        def keep_fp32(name: str) -> bool:
+            return any(part in kept for part in name.split("."))
+
     def merge(component: str, name: str, w0):
         contribs = [c for c in desired.get(expert_of.get(component), {}).get(name, []) if c.weight != 0.0]
         if not contribs:
             return None
-        if target_dtype is not None and w0.dtype != target_dtype:
-            w0 = w0.to(target_dtype)
+        if target_dtype is not None and w0.is_floating_point():
+            # Merge on the weights in the dtype they are used in, as in-place application does.
+            w0 = w0.to(torch_dtype(rewrite.output_code(shards.st_dtype_code(w0.dtype), name, dtype, keep_fp32)))
         return merged_tensor(w0, contribs)
 
     record = {
@@ -78,7 +92,8 @@ def merge_model(
         "stack": stack.to_list(),
         "loras": [{k: r.get(k) for k in ("file", "sha256", "status", "weights")} for r in results],
     }
-    report = rewrite.rewrite_model(src, out, merge, touched, dtype=dtype, marker=record, progress=progress)
+    report = rewrite.rewrite_model(src, out, merge, touched, dtype=dtype, keep_fp32=keep_fp32, marker=record,
+                                   progress=progress)
     report.update(model=str(src), model_type=spec.type, loras=results)
     log.info("merged %d LoRA(s) into %s: %s", sum(r["status"] == "applied" for r in results), out,
              report["changed_tensors"])

@@ -59,8 +59,21 @@ def _mirror(src: Path, dst: Path, counts: dict[str, int]) -> None:
             counts[how] = counts.get(how, 0) + 1
 
 
+_FLOAT_CODES = ("F32", "F16", "BF16", "F64")
+
+
+def output_code(stored_code: str, name: str, dtype, keep_fp32: Callable[[str], bool] | None) -> str:
+    """The safetensors dtype a tensor is written in: `dtype` for floating tensors (fp32 for the names
+    `keep_fp32` selects, as diffusers keeps them when loading in a lower precision), else as stored."""
+    if dtype is None or stored_code not in _FLOAT_CODES:
+        return stored_code
+    if keep_fp32 is not None and keep_fp32(name):
+        return "F32"
+    return shards.st_dtype_code(dtype)
+
+
 def _rewrite_component(src_dir: Path, dst_dir: Path, component: str, merge: MergeFn, dtype, progress: Progress | None,
-                       done_total: list[int], counts: dict[str, int]) -> int:
+                       done_total: list[int], counts: dict[str, int], keep_fp32=None) -> int:
     """Stream every shard of one component through `merge`; returns how many tensors changed."""
     import torch
 
@@ -81,9 +94,7 @@ def _rewrite_component(src_dir: Path, dst_dir: Path, component: str, merge: Merg
         for shard_path, names in reader.by_shard():
             layout = []
             for name in names:
-                code = reader.dtype_code(name)
-                if dtype is not None and code in ("F32", "F16", "BF16", "F64"):
-                    code = shards.st_dtype_code(dtype)
+                code = output_code(reader.dtype_code(name), name, dtype, keep_fp32)
                 layout.append((name, code, reader.shape(name)))
             from engine.lora.files import read_safetensors_header
 
@@ -110,7 +121,7 @@ def _rewrite_component(src_dir: Path, dst_dir: Path, component: str, merge: Merg
         if index:
             data = json.loads(index[0].read_text())
             data.setdefault("metadata", {})["total_size"] = sum(
-                _nbytes(reader, n, dtype) for n in reader.keys()
+                _nbytes(reader, n, dtype, keep_fp32) for n in reader.keys()
             )
             data["weight_map"] = weight_map
             (dst_dir / index[0].name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -118,10 +129,8 @@ def _rewrite_component(src_dir: Path, dst_dir: Path, component: str, merge: Merg
     return changed
 
 
-def _nbytes(reader: shards.TensorReader, name: str, dtype) -> int:
-    code = reader.dtype_code(name)
-    if dtype is not None and code in ("F32", "F16", "BF16", "F64"):
-        code = shards.st_dtype_code(dtype)
+def _nbytes(reader: shards.TensorReader, name: str, dtype, keep_fp32=None) -> int:
+    code = output_code(reader.dtype_code(name), name, dtype, keep_fp32)
     n = shards._itemsize(code)
     for dim in reader.shape(name):
         n *= dim
@@ -135,6 +144,7 @@ def rewrite_model(
     touched: set[str],
     *,
     dtype: str | None = None,
+    keep_fp32: Callable[[str], bool] | None = None,
     marker: dict | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -163,7 +173,7 @@ def rewrite_model(
         for item in sorted(model_dir.iterdir()):
             if item.name in rewrite:
                 changed[item.name] = _rewrite_component(item, tmp / item.name, item.name, merge, target_dtype,
-                                                        progress, done_total, counts)
+                                                        progress, done_total, counts, keep_fp32)
             elif item.is_dir():
                 _mirror(item, tmp / item.name, counts)
             else:

@@ -42,7 +42,9 @@ def torch_dtype(name: str):
 
 
 def st_dtype_code(dtype) -> str:
-    """torch.bfloat16 -> 'BF16' (the safetensors header code)."""
+    """torch.bfloat16 (or 'bf16') -> 'BF16' (the safetensors header code)."""
+    if isinstance(dtype, str):
+        dtype = torch_dtype(dtype)
     wanted = str(dtype).removeprefix("torch.")
     for code, name in _ST_DTYPES.items():
         if name == wanted:
