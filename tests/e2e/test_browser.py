@@ -95,6 +95,22 @@ def test_stack_preset_generate_stop(page, app_server):
     assert "detail-kohya" in page.input_value("#lora-file-1 input")
     shot(page, "2-preset-loaded")
 
+    # export downloads the preset's JSON; duplicate and delete manage the folder
+    page.click("#preset-more")
+    with page.expect_download() as download:
+        page.click("#preset-export")
+    exported = json.loads(Path(download.value.path()).read_text())
+    assert exported["name"] == "E2E stack" and [e["weight"] for e in exported["entries"]] == [3.5, -0.5]
+    assert all(e.get("sha256") for e in exported["entries"])  # saved with hashes, so changes can be spotted
+    page.fill("#preset-name :is(input, textarea)", "")
+    page.click("#preset-duplicate")
+    wait_text(page, "#preset-status", "duplicated as E2E stack copy")
+    assert (app_server["root"] / "presets" / "e2e-stack-copy.json").exists()
+    page.click("#preset-delete")
+    wait_text(page, "#preset-status", "deleted")
+    assert not (app_server["root"] / "presets" / "e2e-stack-copy.json").exists()
+    pick(page, "preset-picker", "E2E stack")
+
     # generate: previews every step before the video, stack report, playable MP4 of the right length
     page.fill("#prompt textarea", "a fox in the snow")
     page.fill("#steps input", "6")
