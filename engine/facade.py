@@ -112,6 +112,21 @@ class Engine:
             raise RequestError(f"LoRA {file} is not in {self.settings.loras_dir}; press refresh or pick another")
         return self.loras.inspect(path, self.find_model(model).path if model else None)
 
+    def merge_stack(self, model: str, stack, name: str, *, dtype: str | None = None,
+                    on_progress: Callable[[int, int, str], None] | None = None) -> dict:
+        """Bake `stack` into a new model folder `models_dir/name` (streamed; engine/lora/bake.py).
+
+        Returns the merge summary with the per-entry LoRA report; `on_progress(done, total, tensor)`.
+        """
+        from engine.lora.bake import merge_model
+
+        info = self.find_model(model)
+        clean = (name or "").strip()
+        if not clean or clean in (".", "..") or "/" in clean or "\\" in clean:
+            raise RequestError(f"new model name {name!r} must be a plain folder name, e.g. my-model-merged")
+        return merge_model(info.path, stack, self.settings.models_dir / clean, dtype=dtype,
+                           lora_caps=self.settings.lora_caps, resolve=self.loras.path_of, progress=on_progress)
+
     def check_stack(self, model_type: str, stack) -> list[str]:
         """Caps and routing before any load: raises LoraCapExceeded; returns warnings."""
         for entry in stack.entries:
