@@ -91,4 +91,5 @@ def cmd_extract(args):
         + (f" (rank {report['rank']}, max rel error {report['max_rel_error']:.2e})" if report["rank"] else "")
         + f", {report['layers_diff']} full diffs, {report['biases']} bias diffs, {report['unchanged']} unchanged tensors"
     )
+    lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)

@@ -145,6 +145,7 @@ def extract_lora(
         lora: dict = {}
         layers: list[dict] = []
         unchanged = 0
+        dtype_pairs: set[tuple[str, str]] = set()
         for index, (component, src, tgt) in enumerate(readers):
             def key(module: str, role: str, index: int = index) -> str:
                 return convert.lora_key(fmt, index, two_experts, module, role)
@@ -156,6 +157,8 @@ def extract_lora(
                 done += 1
                 if progress:
                     progress(done, total, f"{component}.{name}")
+                if a.dtype != b.dtype:
+                    dtype_pairs.add((str(a.dtype).removeprefix("torch."), str(b.dtype).removeprefix("torch.")))
                 if torch.equal(a, b):
                     unchanged += 1
                     continue
@@ -196,6 +199,13 @@ def extract_lora(
     }
     convert.write_lora_file(out, lora, metadata)
 
+    warnings = [
+        f"source weights are {a} but target weights are {b}: the rounding of that cast is extracted too; "
+        "extract against a source stored in the same dtype"
+        for a, b in sorted(dtype_pairs)
+    ]
+    for w in warnings:
+        log.warning(w)
     errors = [l["rel_error"] for l in layers if "rel_error" in l]
     report = {
         "out": str(out),
@@ -209,6 +219,7 @@ def extract_lora(
         "unchanged": unchanged,
         "max_rel_error": max(errors) if errors else 0.0,
         "mean_rel_error": (math.fsum(errors) / len(errors)) if errors else 0.0,
+        "warnings": warnings,
         "layers": layers,
     }
     log.info("extracted %d LoRA layers, %d full diffs, %d biases into %s (max rel error %.3g)",

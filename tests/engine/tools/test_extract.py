@@ -166,3 +166,12 @@ def test_low_rank_is_exact_on_a_rank_r_matrix(shape):
     up, down = low_rank(delta, 4)
     assert up.shape == (shape[0], 4) and down.shape == (4, shape[1])
     assert (torch.linalg.norm(delta - up @ down) / torch.linalg.norm(delta)).item() < 1e-5
+
+
+def test_a_dtype_change_between_source_and_target_is_flagged(model_factory, tmp_path):
+    source = model_factory()
+    target = model_factory(edit=finetune, dtype=torch.bfloat16)
+    report = extract_lora(source, target, RANK, tmp_path / "x.safetensors")
+    assert report["warnings"] and "float32 but target weights are bfloat16" in report["warnings"][0]
+    plain = extract_lora(source, model_factory(edit=finetune), RANK, tmp_path / "y.safetensors")
+    assert plain["warnings"] == []
