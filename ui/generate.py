@@ -9,12 +9,9 @@ import logging
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
-import gradio as gr
-
-from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, WanStackError
+from engine.types import GenerationRequest, GenerationResult
 from ui.context import UIContext
 
 log = logging.getLogger(__name__)
@@ -69,6 +66,11 @@ class Run:
         finally:
             self.finished.set()
             self.events.put(("done", None))
+
+    def step_pending(self) -> bool:
+        """A newer step is already waiting: its preview supersedes the current one."""
+        with self.events.mutex:
+            return any(kind == "step" for kind, _ in self.events.queue)
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         while True:
@@ -180,6 +182,14 @@ def summary_of(result: GenerationResult) -> dict:
 def run_events(ctx: UIContext, request: GenerationRequest, progress=None, stream_video: bool = True):
     """Drive one run, yielding ('update', dict-of-fields) as events arrive and finally ('result', result)."""
     run = Run(ctx, request, stream_video=stream_video)
+    try:
+        yield from _drive(run, progress)
+    finally:
+        if not run.finished.is_set():  # the page went away or the handler was cancelled: stop the engine too
+            ctx.engine.cancel()
+
+
+def _drive(run: Run, progress=None):
     last_sample: dict | None = None
     started = time.perf_counter()
     step_seconds: list[float] = []
@@ -207,7 +217,10 @@ def run_events(ctx: UIContext, request: GenerationRequest, progress=None, stream
                     f" · {payload.expert.replace('_', '-')}")
             if progress is not None:
                 progress((payload.step, payload.total), desc=text, unit="steps")
-            yield "update", {"status": text, "preview": preview_animation(payload.preview, payload.step, payload.total)}
+            update = {"status": text}
+            if not run.step_pending():  # when the page lags behind the engine, only the newest preview is drawn
+                update["preview"] = preview_animation(payload.preview, payload.step, payload.total)
+            yield "update", update
     if run.error is not None:
         raise run.error
     run.result.notes = list(run.result.notes) + [f"wall time {time.perf_counter() - started:.2f} s"]
@@ -224,10 +237,4 @@ def request_for_history(request: GenerationRequest, resolution: str | None) -> d
         "stack": request.stack.to_list(),
     }
     return d
-
-
-def error_text(e: BaseException) -> str:
-    if isinstance(e, WanStackError):
-        return str(e)
-    return f"{type(e).__name__}: {e}"
 
