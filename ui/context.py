@@ -10,7 +10,7 @@ from typing import Any
 
 from engine.catalog import ModelSpec
 from engine.presets import PresetError, PresetStore, mark_entries
-from engine.types import RequestError, Stack
+from engine.types import RequestError, Stack, WanStackError
 from ui import stack_logic
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ class UIContext:
         self.max_rows = max_rows
         self._lock = threading.Lock()
         self._loras: dict[str, list[dict[str, Any]]] = {}
+        self._coverage: dict[tuple[str, str, str | None], dict | None] = {}
 
     # ---- models -----------------------------------------------------------------------
     def models(self) -> list:
@@ -50,6 +51,7 @@ class UIContext:
         with self._lock:
             if refresh:
                 self._loras.clear()
+                self._coverage.clear()
             if model_type not in self._loras:
                 self._loras[model_type] = self._scan(model_type)
             return self._loras[model_type]
@@ -74,6 +76,22 @@ class UIContext:
 
     def lora_info(self, model_type: str, file: str) -> dict[str, Any] | None:
         return next((d for d in self.loras(model_type) if d["file"] == file), None)
+
+    def coverage(self, model_type: str, file: str) -> dict | None:
+        """Which of the file's keys match a model of this type (before any run), cached per file hash."""
+        info = self.lora_info(model_type, file)
+        if info is None or not info.get("compatible", True) or not hasattr(self.engine, "inspect_lora"):
+            return None
+        key = (model_type, file, info.get("sha256"))
+        if key not in self._coverage:
+            model = next((m for m in self.usable_models() if m.type == model_type), None)
+            try:
+                report = self.engine.inspect_lora(file, model.id) if model else {}
+            except WanStackError as e:
+                log.warning("could not inspect %s against %s: %s", file, model_type, e)
+                report = {}
+            self._coverage[key] = report.get("coverage")
+        return self._coverage[key]
 
     def check_stack(self, spec: ModelSpec, stack: Stack) -> list[str]:
         """Every file is one the server listed and compatible; caps hold. RequestError otherwise.

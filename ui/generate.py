@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from engine.types import GenerationRequest, GenerationResult
 from ui.context import UIContext
+from ui.stack_logic import count_text
 
 log = logging.getLogger(__name__)
 GIB = 1 << 30
@@ -108,8 +109,7 @@ def format_report(loras: list[dict] | None) -> str:
     for r in loras:
         cov = r.get("coverage")
         if isinstance(cov, dict):
-            total = cov.get("total") or sum(cov.get(k, 0) for k in ("applied", "skipped", "unmatched") if isinstance(cov.get(k), int))
-            cov = f"{cov.get('applied', '?')}/{total} keys applied"
+            cov = count_text(cov, "applied")
         experts = r.get("experts")
         experts = f" on {', '.join(experts)}" if experts else ""
         warn = "; ".join(r.get("warnings") or [])

@@ -130,13 +130,15 @@ class StackEditor:
                 gr.update(value=bool(r.get("enabled", True))),
                 gr.update(value=r.get("applies_to") or "both", visible=spec.dual_expert),
                 gr.update(value=r.get("low_noise_weight"), visible=spec.dual_expert),
-                gr.update(value=self.describe(r, info, spec, (report or {}).get(r.get("file")))),
+                gr.update(value=self.describe(r, info, spec, (report or {}).get(r.get("file")),
+                                              self.ctx.coverage(spec.type, r["file"]) if info else None)),
                 gr.update(visible=bool(info and info.get("trigger_words"))),
             ]
         return out
 
     @staticmethod
-    def describe(row: dict, info: dict | None, spec: ModelSpec, applied: dict | None) -> str:
+    def describe(row: dict, info: dict | None, spec: ModelSpec, applied: dict | None,
+                 predicted: dict | None = None) -> str:
         """One line of inspection for a row: status, rank, family, coverage, triggers, size, memory."""
         if not row.get("file"):
             return "pick a LoRA file"
@@ -153,6 +155,8 @@ class StackEditor:
             parts.append(str(info["family"]))
         if applied:
             parts.append(_coverage(applied))
+        elif predicted:
+            parts.append(sl.count_text(predicted, "match this model"))
         if info.get("trigger_words"):
             parts.append("triggers: " + ", ".join(info["trigger_words"][:4]))
         if info.get("format"):
@@ -167,12 +171,10 @@ class StackEditor:
 
 
 def _coverage(applied: dict) -> str:
+    """After a run: the engine's per-entry report."""
     cov = applied.get("coverage")
     if isinstance(cov, dict):
-        total = cov.get("total") or sum(v for k, v in cov.items() if k in ("applied", "skipped", "unmatched") and isinstance(v, int))
-        text = f"{cov.get('applied', '?')}/{total} keys applied"
-        if cov.get("skipped") or cov.get("unmatched"):
-            text += f" ({cov.get('skipped', 0)} skipped, {cov.get('unmatched', 0)} unmatched)"
+        text = sl.count_text(cov, "applied")
     elif cov:
         text = str(cov)
     else:

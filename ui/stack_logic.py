@@ -113,3 +113,17 @@ def human_bytes(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+def _count(value) -> int:
+    return len(value) if isinstance(value, (list, tuple, dict)) else int(value or 0)
+
+
+def count_text(cov: dict, verb: str) -> str:
+    """'40/40 keys applied (2 skipped, 1 unmatched)'; skipped/unmatched may be counts or lists of keys."""
+    applied, skipped, unmatched = _count(cov.get("applied")), _count(cov.get("skipped")), _count(cov.get("unmatched"))
+    total = cov.get("total") or applied + skipped + unmatched
+    text = f"{applied}/{total} keys {verb}"
+    if skipped or unmatched:
+        text += f" ({skipped} skipped, {unmatched} unmatched)"
+    return text

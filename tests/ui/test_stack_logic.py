@@ -74,3 +74,9 @@ def test_gauge_formats_samples_snapshots_and_missing_gpu():
     gpu = {"available": True, "gpus": [{"used_bytes": gib, "total_bytes": 8 * gib}], "ram_total_bytes": None,
            "ram_available_bytes": None}
     assert "1.00 / 8.0 GiB" in format_gauge(sample_from_snapshot(gpu))
+
+
+def test_count_text_takes_counts_or_key_lists():
+    assert sl.count_text({"applied": 40, "total": 40, "skipped": [], "unmatched": []}, "applied") == "40/40 keys applied"
+    text = sl.count_text({"applied": 38, "skipped": ["a", "b"], "unmatched": 1}, "match this model")
+    assert text == "38/41 keys match this model (2 skipped, 1 unmatched)"
