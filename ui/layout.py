@@ -40,7 +40,7 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
             with gr.Column(scale=6, min_width=480, elem_id="controls"):
                 panel.build_picker(default_model)
                 panel.build_prompt()
-                editor.build()
+                editor.build(panel.default_spec)
                 presets.build()
                 with gr.Accordion("Settings", open=True, elem_id="settings"):
                     panel.build_settings()
@@ -91,7 +91,8 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
                     + [gr.update(choices=ctx.preset_choices())])
 
         model.input(on_model, [model, rows_state], editor_out + settings_out + [presets.preset], **PRIVATE)
-        demo.load(on_model, [model, rows_state], editor_out + settings_out + [presets.preset], **PRIVATE)
+        # the page is built for the default model already; a (re)load only needs the current preset list
+        demo.load(lambda: gr.update(choices=ctx.preset_choices()), None, [presets.preset], **PRIVATE)
 
         run_inputs = [model, panel.prompt, panel.negative, panel.image, panel.resolution, panel.frames, panel.fps,
                       panel.steps, panel.guidance, panel.guidance_2, panel.shift, panel.seed, panel.stream_video, rows_state,

@@ -45,11 +45,14 @@ class StackEditor:
         self.rows: list[Row] = []
 
     # ---- layout -------------------------------------------------------------------------
-    def build(self):
+    def build(self, spec: ModelSpec | None = None):
+        """`spec`: the model picked when the page opens, so the page is complete without a load event."""
+        cap = sl.cap_text([], spec) if spec else ""
+        note = self.render([], spec)[3] if spec else ""
         with gr.Group(elem_id="stack-editor"):
             with gr.Row(elem_classes="stack-head"):
                 gr.Markdown("**LoRA stack**", elem_classes="stack-title")
-                self.cap = gr.Markdown("", elem_id="cap-indicator", elem_classes="cap")
+                self.cap = gr.Markdown(cap, elem_id="cap-indicator", elem_classes="cap")
             for i in range(self.ctx.max_rows):
                 self.rows.append(self._build_row(i))
             self.message = gr.Markdown("", elem_id="stack-message", elem_classes="stack-message")
@@ -57,7 +60,7 @@ class StackEditor:
                 self.add = gr.Button("+ Add LoRA", size="sm", elem_id="add-lora", scale=2)
                 self.pair = gr.Button("", size="sm", visible=False, elem_id="add-pair", scale=3)
                 self.refresh = gr.Button("↻ Rescan folder", size="sm", elem_id="refresh-loras", scale=1)
-            self.unavailable = gr.Markdown("", elem_id="lora-unavailable", elem_classes="small-note")
+            self.unavailable = gr.Markdown(note, elem_id="lora-unavailable", elem_classes="small-note")
 
     def _build_row(self, i: int) -> Row:
         with gr.Column(visible=False, elem_classes="lora-row", elem_id=f"lora-row-{i}") as box:
