@@ -11,8 +11,8 @@ from engine.lora.errors import LoraIncompatibleError
 from engine.lora.files import metadata_summary
 from engine.lora.formats import LOW, MAIN, ParsedLora, Patch
 
-_HIGH_RE = re.compile(r"(?:^|[^a-z0-9])(high(?:[_ -]?noise)?|hn|hi)(?:[^a-z0-9]|$)", re.I)
-_LOW_RE = re.compile(r"(?:^|[^a-z0-9])(low(?:[_ -]?noise)?|ln|lo)(?:[^a-z0-9]|$)", re.I)
+_HIGH_RE = re.compile(r"(?:^|[^a-z0-9])(high(?:[_ -]?noise)?|hn)(?:[^a-z0-9]|$)", re.I)
+_LOW_RE = re.compile(r"(?:^|[^a-z0-9])(low(?:[_ -]?noise)?|ln)(?:[^a-z0-9]|$)", re.I)
 _IMAGE_PARTS = ("add_k_proj", "add_v_proj", "norm_added_k", "image_embedder")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 

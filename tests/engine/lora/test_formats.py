@@ -121,3 +121,33 @@ def test_unknown_keys_are_reported_not_dropped(tmp_path):
     assert cov["applied"] == 2
     assert len(cov["unmatched"]) + len(cov["skipped"]) == 4
     assert any("block 9 does not exist" in line for line in cov["unmatched"])
+
+
+@pytest.mark.parametrize("family", ["wan", "kohya_transformer"])
+def test_two_expert_prefixes_route_the_second_part_to_low_noise(tmp_path, family):
+    from lora_factory import write_two_expert
+
+    high_m, low_m = tiny_transformer(width=32, seed=0), tiny_transformer(width=32, seed=1)
+    h0, l0 = snapshot(high_m), snapshot(low_m)
+    high_part, low_part = random_lowrank(high_m, seed=5), random_lowrank(low_m, seed=6)
+    write_two_expert(tmp_path / "pair.safetensors", high_part, low_part, family=family, alpha=8.0)
+    mgr = LoraManager(tmp_path)
+    res = mgr.apply({"high_noise": high_m, "low_noise": low_m}, get_spec("demo-wan2.2-t2v-a14b"),
+                    Stack((LoraEntry("pair.safetensors", weight=1.0),)))
+    cov = res[0]["coverage"]
+    assert cov["applied"] == cov["total"] == 3 * (len(high_part) + len(low_part))
+    for model, ref, part in ((high_m, h0, high_part), (low_m, l0, low_part)):
+        want = expected(ref, [(part, 1.0, 2.0)])
+        for name, value in want.items():
+            assert torch.allclose(model.state_dict()[name], value, rtol=1e-5, atol=1e-6), name
+    info = {r["file"]: r for r in mgr.list_loras(get_spec("demo-wan2.1-t2v-14b"))}["pair.safetensors"]
+    assert info["two_expert"] and info["compatible"] and "only its high-noise part" in info["reason"]
+
+
+@pytest.mark.parametrize("name,hint", [("speed_HN.safetensors", "high_noise"), ("x-low_noise-v2.safetensors", "low_noise"),
+                                        ("wan_high.safetensors", "high_noise"), ("lofi_style.safetensors", None),
+                                        ("highway.safetensors", None)])
+def test_expert_hint_from_file_name(name, hint):
+    from engine.lora.inspection import expert_hint
+
+    assert expert_hint(name) == hint
