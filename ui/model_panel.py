@@ -41,15 +41,15 @@ class ModelPanel:
                                      placeholder="Prompt: a red fox running through snow, cinematic")
             self.negative = gr.Textbox(show_label=False, lines=2, max_lines=4, scale=2, elem_id="negative-prompt",
                                        placeholder="Negative prompt (optional)")
-            self.image = gr.Image(label="Start image", type="filepath", visible=task in ("i2v", "ti2v"), height=110,
+            self.image = gr.Image(label=image_label(task), type="filepath", visible=task in ("i2v", "ti2v"), height=110,
                                   scale=1, min_width=110, sources=["upload", "clipboard"], elem_id="start-image")
 
     def build_settings(self):
         spec = self.default_spec
-        res = list(spec.resolutions) if spec else []
+        choices, default = resolution_choices(spec) if spec else ([], None)
         d = (lambda name, fallback: getattr(spec, name) if spec else fallback)
         with gr.Row():
-            self.resolution = gr.Dropdown(res, value=res[0] if res else None, label="Resolution", scale=2, min_width=120,
+            self.resolution = gr.Dropdown(choices, value=default, label="Resolution", scale=2, min_width=120,
                                           elem_id="resolution")
             self.frames = gr.Slider(1, max(161, d("frames", 81)), step=4, value=d("frames", 81), label="Frames", scale=3,
                                     min_width=140, elem_id="frames")
@@ -106,14 +106,11 @@ class ModelPanel:
     def settings_updates(self, model_id: str | None, spec: ModelSpec | None) -> list:
         if spec is None:
             return [self.note(model_id)] + [gr.update()] * 10
-        res = list(spec.resolutions) or [f"{spec.width}x{spec.height}"]
-        default = next((k for k, v in spec.resolutions.items() if v == (spec.width, spec.height)), res[0])
+        choices, default = resolution_choices(spec)
         return [
             self.note(model_id),
-            gr.update(visible=spec.task in ("i2v", "ti2v"),
-                      label="Start image (required)" if spec.task == "i2v" else "Start image (optional)"),
-            gr.update(choices=[(f"{k} ({spec.resolutions[k][0]}×{spec.resolutions[k][1]})", k) for k in spec.resolutions]
-                      if spec.resolutions else res, value=default),
+            gr.update(visible=spec.task in ("i2v", "ti2v"), label=image_label(spec.task)),
+            gr.update(choices=choices, value=default),
             gr.update(value=spec.frames, maximum=max(161, spec.frames)),
             gr.update(value=spec.fps),
             gr.update(value=spec.steps),
@@ -136,7 +133,15 @@ class ModelPanel:
                         queue=False, show_progress="hidden")
 
 
-def settings_dict(model_id: str, prompt: str, negative: str, resolution: str, frames: Any, fps: Any, steps: Any,
-                  guidance: Any, guidance_2: Any, shift: Any, seed: Any) -> dict:
-    return dict(model=model_id, prompt=prompt, negative_prompt=negative, resolution=resolution, frames=frames,
-                fps=fps, steps=steps, guidance=guidance, guidance_2=guidance_2, shift=shift, seed=seed)
+def image_label(task: str) -> str:
+    return "Start image (required)" if task == "i2v" else "Start image (optional)"
+
+
+def resolution_choices(spec: ModelSpec) -> tuple[list, str]:
+    """Dropdown choices '480p landscape (832×480)' and the one matching the model's default size."""
+    if not spec.resolutions:
+        label = f"{spec.width}×{spec.height}"
+        return [(label, label)], label
+    choices = [(f"{k} ({w}×{h})", k) for k, (w, h) in spec.resolutions.items()]
+    default = next((k for k, v in spec.resolutions.items() if v == (spec.width, spec.height)), next(iter(spec.resolutions)))
+    return choices, default
