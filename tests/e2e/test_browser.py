@@ -124,7 +124,7 @@ def test_stack_preset_generate_stop(page, app_server):
 
     # generate: previews every step before the video, stack report, playable MP4 of the right length
     page.fill("#prompt textarea", "a fox in the snow")
-    page.fill("#steps input", "6")
+    page.fill("#steps input", "10")
     page.press("#steps input", "Tab")
     page.evaluate(WATCH_JS)
     page.click("#generate")
