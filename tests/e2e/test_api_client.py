@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -100,3 +101,15 @@ def test_queue_is_bounded_and_says_so(client):
             errors.append(str(e))
     assert done >= 1
     assert errors and all("Queue is full" in e or "queue is full" in e.lower() for e in errors), errors
+
+
+def test_uploads_over_the_limit_are_refused(client, tmp_path):
+    from gradio_client import handle_file
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + b"\0" * (21 * 1024 * 1024))  # over the default --max-upload 20mb
+    # the limit is in the app config, so the client refuses before sending; the server enforces it too
+    with pytest.raises(Exception) as info:  # noqa: PT011 - the client raises a plain ValueError
+        client.predict(model=MODEL, prompt="x", negative_prompt="", image=handle_file(str(big)), stack="", width=64,
+                       height=64, frames=9, steps=1, seed=1, api_name="/generate")
+    assert re.search(r"(?i)exceeds the maximum|too large|413", str(info.value)), info.value
