@@ -113,3 +113,24 @@ def test_uploads_over_the_limit_are_refused(client, tmp_path):
         client.predict(model=MODEL, prompt="x", negative_prompt="", image=handle_file(str(big)), stack="", width=64,
                        height=64, frames=9, steps=1, seed=1, api_name="/generate")
     assert re.search(r"(?i)exceeds the maximum|too large|413", str(info.value)), info.value
+
+
+def test_only_outputs_are_served(app_server, client):
+    import urllib.error
+    import urllib.request
+
+    root = app_server["root"]
+    generate(client, "", steps=1)
+    output = next((root / "outputs").glob("*.mp4"))
+    lora = next((root / "loras").rglob("*.safetensors"))
+    model_index = next((root / "data").rglob("model_index.json"))
+    preset = next((root / "presets").glob("*.json"))
+
+    def status(path):
+        try:
+            return urllib.request.urlopen(f"{app_server['url']}/gradio_api/file={path}", timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status(output) == 200
+    assert [status(p) for p in (lora, model_index, preset, "/etc/passwd")] == [403, 403, 403, 403]
