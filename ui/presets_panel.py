@@ -49,6 +49,12 @@ class PresetsPanel:
         def spec_of(model_id):
             return ctx.spec_for(model_id) if model_id else None
 
+        def known(name):
+            """Names come from the browser: act only on presets the store itself lists."""
+            if not name or name not in ctx.store.names():
+                raise gr.Error(f"pick a saved preset first (got {name!r})")
+            return name
+
         def picker(value=None):
             names = ctx.store.names()
             return gr.update(choices=ctx.preset_choices(), value=value if value in names else None)
@@ -92,21 +98,21 @@ class PresetsPanel:
 
         def on_rename(current, new):
             try:
-                preset = ctx.store.rename(current or "", new or "")
+                preset = ctx.store.rename(known(current), new or "")
             except RequestError as e:
                 raise gr.Error(str(e)) from None
             return picker(preset.name), f"renamed **{current}** to **{preset.name}**", ""
 
         def on_duplicate(current, new):
             try:
-                preset = ctx.store.duplicate(current or "", (new or "").strip() or None)
+                preset = ctx.store.duplicate(known(current), (new or "").strip() or None)
             except RequestError as e:
                 raise gr.Error(str(e)) from None
             return picker(preset.name), f"duplicated as **{preset.name}**", ""
 
         def on_delete(current):
             try:
-                ctx.store.delete(current or "")
+                ctx.store.delete(known(current))
             except RequestError as e:
                 raise gr.Error(str(e)) from None
             return picker(None), f"deleted **{current}**", ""

@@ -66,7 +66,7 @@ class StackEditor:
         with gr.Column(visible=False, elem_classes="lora-row", elem_id=f"lora-row-{i}") as box:
             with gr.Row(equal_height=True, elem_classes="row-main"):
                 file = gr.Dropdown(choices=[], value=None, show_label=False, container=False, scale=8,
-                                   min_width=180, elem_id=f"lora-file-{i}", allow_custom_value=True)
+                                   min_width=180, elem_id=f"lora-file-{i}")
                 slider = gr.Slider(-2, 2, value=1.0, step=0.05, show_label=False, container=False, scale=4,
                                    min_width=110, elem_id=f"lora-slider-{i}", buttons=[],
                                    elem_classes="lora-slider")
