@@ -30,6 +30,8 @@ class Generator:
         self._i2v_pipe = None  # TI2V with a start image: the same components in the I2V pipeline
         self._device = None
         self._dtype = None
+        self._offload: tuple | None = None  # (pipeline id, mode, vae_tiling, text_encoder_on_cpu, device) applied
+        self._stack_fingerprint: str | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -40,6 +42,7 @@ class Generator:
 
         self._pipe = self._i2v_pipe = None
         self._pipe_key = None
+        self._offload = self._stack_fingerprint = None
         free_memory()
 
     def load(self, info: ModelInfo, spec: ModelSpec):
@@ -103,9 +106,9 @@ class Generator:
         def attempt(current_plan):
             pipe = self.load(info, spec)
             _set_shift(pipe, r.shift)
-            state["loras"] = self._apply_loras_and_plan(pipe, spec, req, current_plan, on_event)
-            state["plan"] = current_plan
             run_pipe = self._pipe_for(pipe, spec, image)
+            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event)
+            state["plan"] = current_plan
             return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video)
 
         on_event("status", f"loading {info.id}")
@@ -148,27 +151,27 @@ class Generator:
         offload with CUDA streams: those keep pinned CPU copies made when the hooks are installed. So a
         changed stack under such hooks is merged with the hooks removed, and the hooks go back on after.
         """
-        from engine.memory.offload import applied_mode, apply_plan, undo_plan
+        from engine.memory.offload import apply_plan, undo_plan
 
-        wanted = {"mode": plan.mode.value, "vae_tiling": plan.vae_tiling,
-                  "text_encoder_on_cpu": bool(plan.text_encoder_on_cpu and pipe.text_encoder is not None),
-                  "device": str(_plan_device(plan))}
-        current = applied_mode(pipe)
+        # Tracked here, not on the pipeline: TI2V's image pipeline shares its modules with the text one,
+        # so hooks and merged weights belong to the modules, whichever pipeline object runs them.
+        wanted = (id(pipe), plan.mode.value, plan.vae_tiling, bool(plan.text_encoder_on_cpu), plan.device)
         fingerprint = self._fingerprint(req.stack)
-        stack_changed = fingerprint != getattr(pipe, "_wanstack_stack", None)
-        copies_weights = current is not None and current["mode"] in ("group", "sequential") and "cuda" in current["device"]
-        if stack_changed and copies_weights:
+        copies_weights = self._offload is not None and self._offload[1] in ("group", "sequential") \
+            and self._offload[4] == "cuda"
+        if fingerprint != self._stack_fingerprint and copies_weights:
             undo_plan(pipe)
-            current = None
+            self._offload = None
         if req.stack.entries:
             on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
         resolve = Path if self.settings.allow_lora_paths_outside else None
         report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
                                   resolve=resolve)
-        pipe._wanstack_stack = fingerprint
+        self._stack_fingerprint = fingerprint
         on_event("loras", report)
-        if current != wanted:
+        if self._offload != wanted:
             apply_plan(pipe, plan, _plan_device(plan))
+            self._offload = wanted
         return report
 
     def _fingerprint(self, stack) -> str:
