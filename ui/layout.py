@@ -102,13 +102,22 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
 
         def on_run(model_id, prompt, negative, image, resolution, frames, fps, steps, guidance, guidance_2, shift,
                    seed, stream_video, rows, history, progress=gr.Progress()):
+            # Bad input is reported in the status line and a toast, not as gr.Error: an error marks every
+            # output component of this event, which here is half the page.
             try:
                 spec = ctx.spec_for(model_id)
+                missing = [f"row {i + 1} ({r['file']})" for i, r in enumerate(rows)
+                           if r.get("file") and ctx.lora_info(spec.type, r["file"]) is None]
+                if missing:
+                    raise RequestError(f"LoRA file missing from the folder: {', '.join(missing)}; copy it back, "
+                                       "pick another file or remove the row")
                 width, height = panel.size_of(spec, resolution)
                 request = build_request(ctx, model_id, prompt, negative, image, width, height, frames, steps, seed,
                                         sl.to_stack(rows), fps, guidance, guidance_2, shift, warn=gr.Warning)
             except (RequestError, WanStackError) as e:
-                raise gr.Error(str(e)) from None
+                gr.Warning(str(e))
+                yield {status: f"⚠ {e}"}
+                return
             yield {status: "starting…", preview: "", stream: None, video: None, report: "", plan: "",
                    summary: None}
             result = None
@@ -128,7 +137,9 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
                 yield {status: f"■ Stopped: {e}. Ready for the next run."}
                 return
             except (RequestError, WanStackError) as e:
-                raise gr.Error(str(e)) from None
+                gr.Warning(str(e))
+                yield {status: f"⚠ {e}"}
+                return
             coverage = {r.get("file"): r for r in result.loras or []}
             settings = request_for_history(request, resolution)
             settings["seed"] = result.seed

@@ -235,3 +235,25 @@ def test_two_expert_pair_triggers_lset_import_and_reuse(page, app_server, tmp_pa
     assert page.input_value("#seed input") == "1234"
     assert page.input_value("#lora-file-0 input") == "demo/speed_high_noise.safetensors"
     shot(page, "6-reused")
+
+
+def test_preset_with_missing_and_changed_files_is_marked_not_dropped(page, app_server):
+    preset = {"schema": 1, "name": "Stale stack", "model_type": "demo-wan2.1-t2v-1.3b", "notes": "",
+              "created": "", "updated": "",
+              "entries": [{"file": "demo/style-peft.safetensors", "weight": 0.7, "sha256": "0" * 64},
+                          {"file": "demo/gone.safetensors", "weight": 1.0}]}
+    (app_server["root"] / "presets" / "stale-stack.json").write_text(json.dumps(preset))
+    page.reload()
+    page.wait_for_selector("#generate")
+    pick(page, "model-picker", "demo-wan2.1-t2v-1.3b")
+    pick(page, "preset-picker", "Stale stack")
+    page.click("#preset-load")
+    wait_text(page, "#preset-status", "loaded")
+    assert "changed" in page.inner_text("#lora-info-0")
+    assert "missing" in page.inner_text("#lora-info-1")
+    assert page.input_value("#lora-file-1 input") == "demo/gone.safetensors"
+    page.fill("#prompt textarea", "x")
+    page.click("#generate")
+    status = wait_text(page, "#run-status", "missing from the folder")
+    assert "row 2 (demo/gone.safetensors)" in status
+    shot(page, "7-stale-preset")
