@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def build(args: argparse.Namespace):
         log.info("no real model in %s: using the demo model (random weights)", dirs["models_dir"])
         engine.ensure_demo_model()
 
+    # a local app: no telemetry or version pings to gradio.app (read by gradio.analytics at call time)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from ui import CSS, THEME, build_ui
 
     demo = build_ui(engine)

@@ -30,7 +30,7 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
     editor = StackEditor(ctx)
     presets = PresetsPanel(ctx, editor)
 
-    with gr.Blocks(title="WanStack", fill_width=True) as demo:
+    with gr.Blocks(title="WanStack", fill_width=True, analytics_enabled=False) as demo:
         rows_state = gr.State([])
         report_state = gr.State({})
         pair_state = gr.State(None)
