@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import statistics
@@ -41,7 +42,7 @@ WATCH_JS = """
       s.previews.push({src, t: performance.now()});
     if (s.decoding_at === null && text.includes('decoding')) s.decoding_at = performance.now();
     const last = s.statuses[s.statuses.length - 1];
-    if (!last || last.text !== text.slice(0, 40)) s.statuses.push({text: text.slice(0, 40), t: performance.now()});
+    if (!last || last.text !== text.slice(0, 80)) s.statuses.push({text: text.slice(0, 80), t: performance.now()});
     const v = srcOf('#video video');
     if (s.final_at === null && v && v !== old.video) s.final_at = performance.now();
     s.done = text.includes('Done');
@@ -113,8 +114,10 @@ def measure(args) -> dict:
             wait_http(url, proc)
             out["server_up_s"] = round(time.perf_counter() - t0, 2)
             page.goto(url)
-            page.wait_for_function("() => (document.querySelector('#cap-indicator') || {}).innerText?.includes('on model')",
-                                   timeout=120_000)
+            # interactive = the controls we use exist and the stack editor shows the model's cap
+            page.wait_for_function(
+                "() => document.querySelector('#add-lora') && document.querySelector('#generate') && "
+                "(document.querySelector('#cap-indicator') || {}).innerText?.includes('on model')", timeout=120_000)
             out["cold_start_s"] = round(time.perf_counter() - t0, 2)
             out.update(edits(page, args.edits))
             out.update(generation(page, args))
@@ -220,11 +223,20 @@ def generation(page, args) -> dict:
     page.check("#stream-toggle input")
     if args.debug:
         print(json.dumps(r["statuses"]), file=sys.stderr)
-    gaps = [b - a for a, b in zip(r["previews"], r["previews"][1:])]
-    step_s = statistics.median(gaps) if gaps else None
+    # the engine's own per-step seconds, from the status line ("step 3/8 · 0.12 s/step · ..."); step 1
+    # also carries the text encoding, so it is left out
+    reported = {}
+    for _, text in r["statuses"]:
+        m = re.search(r"step (\d+)/\d+ · ([\d.]+) s/step", text)
+        if m and int(m.group(1)) > 1:
+            reported[int(m.group(1))] = float(m.group(2))
+    step_s = statistics.median(reported.values()) if reported else None
+    denoise_at = next((t for t, text in r["statuses"] if text.startswith("denoising")), None)
     return {
         "step_s": round(step_s, 3) if step_s else None,
         "first_preview_s": round(r["previews"][0], 3) if r["previews"] else None,
+        "first_preview_after_denoise_start_s": round(r["previews"][0] - denoise_at, 3)
+        if r["previews"] and denoise_at is not None else None,
         "preview_updates": len(r["previews"]),
         "decode_start_s": round(r["decoding_at"], 3) if r["decoding_at"] else None,
         "first_video_bytes_s": round(r["first_segment"], 3) if r["first_segment"] else None,
@@ -253,11 +265,11 @@ def main() -> int:
     if result.get("step_s") is not None:
         limit = result["step_s"] + 0.5
         targets["first_preview_s"] = (f"<= step + 0.5 s = {limit:.2f}", lambda v: v <= limit)
-    print(f"{'measure':<28}{'value':>10}  target")
+    print(f"{'measure':<38}{'value':>10}  target")
     for key, value in result.items():
         target, ok = targets.get(key, ("", None))
         mark = "" if ok is None or value is None else ("  ok" if ok(value) else "  MISSED")
-        print(f"{key:<28}{str(value):>10}  {target}{mark}")
+        print(f"{key:<38}{str(value):>10}  {target}{mark}")
     return 0
 
 
