@@ -134,7 +134,8 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
                     if out:
                         yield out
             except GenerationCancelled as e:
-                yield {status: f"■ Stopped: {e}. Ready for the next run."}
+                text = str(e) or "stopped"
+                yield {status: f"■ {text[0].upper()}{text[1:]}. Ready for the next run."}
                 return
             except (RequestError, WanStackError) as e:
                 gr.Warning(str(e))
