@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.lora.errors import LoraFormatError
@@ -182,8 +182,6 @@ def _is_ambiguous(module: str, kohya: bool) -> bool:
 
 def parse_lora(lf: LoraFile) -> ParsedLora:
     """Group a file's keys into patches on diffusers parameter names; raise LoraFormatError when nothing is usable."""
-    import torch
-
     tensors = lf.tensors
     keys = list(tensors)
     dora = [k for k in keys if k.endswith(".dora_scale")]
@@ -248,7 +246,6 @@ def parse_lora(lf: LoraFile) -> ParsedLora:
             "in diffusers, Wan/ComfyUI, kohya/musubi or LightX2V format"
         )
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()})
-    del torch
     return ParsedLora(
         sha256=lf.sha256, size_bytes=lf.size_bytes, name=lf.path.name, metadata=lf.metadata,
         formats=[f for f, _ in formats.most_common()], style=style, slots=slots,
