@@ -30,10 +30,13 @@ def slot_for(parsed: ParsedLora, expert: str) -> str:
 class LoraManager:
     """Reads, inspects and applies LoRA stacks; keeps parsed files (by sha256) and the merge state."""
 
-    def __init__(self, loras_dir: str | Path, *, allow_pickle: bool = False, cache_entries: int = 8):
+    def __init__(self, loras_dir: str | Path, *, allow_pickle: bool = False, cache_entries: int = 8,
+                 cache_bytes: int = 4 << 30):
         self.loras_dir = Path(loras_dir)
         self.allow_pickle = allow_pickle
         self.cache_entries = cache_entries
+        self.cache_bytes = cache_bytes  # parsed files beyond the applied stack are dropped past this
+        self._pinned: set[str] = set()  # sha256 of the applied stack: kept so a slider change never re-reads
         self._parsed: OrderedDict[str, ParsedLora] = OrderedDict()  # sha256 -> parsed, LRU
         self._sha_by_stat: dict[tuple[str, int, int], str] = {}
         self._describe: dict[str, dict[str, Any]] = {}  # sha256 -> describe() of the header-only parse
@@ -80,9 +83,20 @@ class LoraManager:
             return hit
         parsed = parse_lora(read_lora_file(path, allow_pickle=self.allow_pickle, sha256=sha))
         self._parsed[sha] = parsed
-        while len(self._parsed) > self.cache_entries:
-            self._parsed.popitem(last=False)
+        self._evict()
         return parsed
+
+    def _evict(self) -> None:
+        """Drop least recently used parsed files (never the applied stack's) past the entry/byte budget."""
+        def over() -> bool:
+            total = sum(p.nbytes() for p in self._parsed.values())
+            return len(self._parsed) > self.cache_entries or total > self.cache_bytes
+
+        for sha in list(self._parsed):
+            if not over():
+                break
+            if sha not in self._pinned:
+                del self._parsed[sha]
 
     # -- inspection ------------------------------------------------------------------------------
 
@@ -206,6 +220,7 @@ class LoraManager:
             self.last_stats = {"unchanged": True, "seconds": time.perf_counter() - t0}
             return [dict(r) for r in self._last[3]]
 
+        self._pinned |= set(hashes.values())  # the files being applied stay cached while the others load
         mergers = {name: self._merger(m) for name, m in experts.items()}
         shapes = {name: mg.shapes() for name, mg in mergers.items()}
         desired = self._desired(spec, stack, shapes, paths, results, skip_failing)
@@ -219,6 +234,8 @@ class LoraManager:
             row["warnings"] = global_warnings_for(row["file"], global_warnings) + row["warnings"]
         self.last_stats = {"unchanged": False, "experts": stats, "seconds": time.perf_counter() - t0}
         self._last = (module_ids, fingerprint, skip_failing, [dict(r) for r in results])
+        self._pinned = {r["sha256"] for r in results if r["status"] == "applied" and r["sha256"]}
+        self._evict()
         log.info("LoRA stack applied in %.3fs: %s", self.last_stats["seconds"], stats)
         return results
 
@@ -335,6 +352,7 @@ class LoraManager:
             if mg is not None and mg.module is module:
                 mg.restore_all()
         self._last = None
+        self._pinned = set()
 
     def forget(self, experts: dict[str, Any]) -> None:
         """Drop the merge state of modules being unloaded (after remove(), or when they are discarded)."""

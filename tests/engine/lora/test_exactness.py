@@ -265,3 +265,16 @@ def test_group_offloading_with_cuda_streams(three_loras):
     with torch.no_grad():
         model(*args, return_dict=False)
     assert all(torch.equal(v.cpu(), w0[k]) for k, v in model.state_dict().items())
+
+
+def test_parsed_cache_keeps_the_applied_stack_within_its_budget(three_loras, monkeypatch):
+    model = tiny_transformer()
+    mgr = LoraManager(three_loras, cache_entries=1)
+    stack = S(("a.safetensors", 1.0), ("b.safetensors", 1.0))
+    mgr.apply({"single": model}, get_spec(T2V), stack)
+    mgr.load(three_loras / "c.safetensors")  # an inspection of another file must not evict the stack
+    import engine.lora.manager as manager_mod
+
+    monkeypatch.setattr(manager_mod, "read_lora_file", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    mgr.apply({"single": model}, get_spec(T2V), S(("a.safetensors", 0.5), ("b.safetensors", 1.0)))
+    assert len(mgr._parsed) == 2
