@@ -72,8 +72,9 @@ def shot(page, name: str) -> None:
 
 def test_stack_preset_generate_stop(page, app_server):
     pick(page, "model-picker", "demo-wan2.2-t2v-a14b")
-    assert "2 experts" in page.inner_text("#model-note")
+    wait_text(page, "#model-note", "2 experts")
     pick(page, "model-picker", "demo-wan2.1-t2v-1.3b")
+    wait_text(page, "#model-note", "1 expert")
     wait_text(page, "#model-note", "random weights")
     wait_text(page, "#cap-indicator", "0/2 on model")
 
