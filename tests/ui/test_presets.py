@@ -182,3 +182,25 @@ def test_missing_and_changed_files_are_marked_not_dropped():
     marked = mark_entries(entries, {"ok.safetensors": "aa", "edited.safetensors": "cc"})
     assert [m["status"] for m in marked] == ["ok", "missing", "changed"]
     assert "not in the LoRA folder" in marked[1]["problem"]
+
+
+def test_shipped_presets_use_the_demo_loras_of_their_model(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from engine.catalog import get_spec
+    from engine.demo_loras import DEMO_LORAS
+    from ui import stack_logic
+
+    shipped = Path(__file__).resolve().parents[2] / "presets"
+    shutil.copytree(shipped, tmp_path / "presets")  # a broken file would be moved aside: not in the repo
+    store = PresetStore(tmp_path / "presets")
+    presets = [store.load(p.name) for p in store.list()]
+    assert len(presets) == len(list(shipped.glob("*.json"))) >= 2 and not store.moved_aside
+    for preset in presets:
+        spec = get_spec(preset.model_type)
+        assert spec.demo
+        for entry in preset.entries:
+            arch = DEMO_LORAS[entry["file"]][0]
+            assert preset.model_type == f"demo-{arch}", (preset.name, entry["file"])
+        assert stack_logic.over_cap(preset.entries, spec) is None
