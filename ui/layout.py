@@ -14,6 +14,7 @@ from ui.generate import build_request, format_gauge, request_for_history, run_ev
 from ui.model_panel import ModelPanel
 from ui.presets_panel import PresetsPanel
 from ui.stack_editor import PRIVATE, StackEditor, wire
+from ui.tools_tab import build_tools_tab
 
 log = logging.getLogger(__name__)
 CSS = (Path(__file__).with_name("style.css")).read_text()
@@ -36,40 +37,44 @@ def build_ui(engine, default_model: str | None = None, max_rows: int = 6) -> gr.
         pair_state = gr.State(None)
         history_state = gr.State([])
         selected_state = gr.State(None)
-        with gr.Row(elem_id="main-row"):
-            with gr.Column(scale=6, min_width=480, elem_id="controls"):
-                panel.build_picker(default_model)
-                panel.build_prompt()
-                editor.build(panel.default_spec)
-                presets.build()
-                with gr.Accordion("Settings", open=True, elem_id="settings"):
-                    panel.build_settings()
-            with gr.Column(scale=5, min_width=380, elem_id="output"):
-                with gr.Row():
-                    run_btn = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
-                status = gr.Markdown("ready", elem_id="run-status", elem_classes="run-status")
-                gauge = gr.HTML("", elem_id="gauge")
-                with gr.Row(equal_height=True):
-                    preview = gr.HTML("<div class='preview-box empty'><span>live preview of the latents, every step</span></div>",
-                                      elem_id="preview")
-                    stream = gr.Video(label="Decoding…", streaming=True, autoplay=True, height=200,
-                                      interactive=False, elem_id="stream-video",
-                                      visible=bool(panel.default_spec and not panel.default_spec.demo))
-                video = gr.Video(label="Video", height=260, interactive=False, autoplay=True, loop=True,
-                                 elem_id="video")
-                report = gr.Markdown("", elem_id="stack-report", elem_classes="small-note")
-                plan = gr.Markdown("", elem_id="memory-plan", elem_classes="small-note")
-                with gr.Tabs():
-                    with gr.Tab("History", elem_id="history-tab"):
-                        gallery = gr.Gallery(label="This session", columns=6, height=150, elem_id="history", object_fit="contain",
-                                             allow_preview=False)
+        with gr.Tabs(elem_id="top-tabs"):
+            with gr.Tab("Generate", elem_id="generate-tab"):
+                with gr.Row(elem_id="main-row"):
+                    with gr.Column(scale=6, min_width=480, elem_id="controls"):
+                        panel.build_picker(default_model)
+                        panel.build_prompt()
+                        editor.build(panel.default_spec)
+                        presets.build()
+                        with gr.Accordion("Settings", open=True, elem_id="settings"):
+                            panel.build_settings()
+                    with gr.Column(scale=5, min_width=380, elem_id="output"):
                         with gr.Row():
-                            reuse = gr.Button("Reuse these settings", size="sm", elem_id="reuse")
-                        picked = gr.JSON(label="Settings of the picked video", elem_id="history-settings",
-                                         open=False)
-                    with gr.Tab("Result JSON", elem_id="result-tab"):
-                        summary = gr.JSON(label="summary", elem_id="summary")
+                            run_btn = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
+                        status = gr.Markdown("ready", elem_id="run-status", elem_classes="run-status")
+                        gauge = gr.HTML("", elem_id="gauge")
+                        with gr.Row(equal_height=True):
+                            preview = gr.HTML("<div class='preview-box empty'><span>live preview of the latents, every step</span></div>",
+                                              elem_id="preview")
+                            stream = gr.Video(label="Decoding…", streaming=True, autoplay=True, height=200,
+                                              interactive=False, elem_id="stream-video",
+                                              visible=bool(panel.default_spec and not panel.default_spec.demo))
+                        video = gr.Video(label="Video", height=260, interactive=False, autoplay=True, loop=True,
+                                         elem_id="video")
+                        report = gr.Markdown("", elem_id="stack-report", elem_classes="small-note")
+                        plan = gr.Markdown("", elem_id="memory-plan", elem_classes="small-note")
+                        with gr.Tabs():
+                            with gr.Tab("History", elem_id="history-tab"):
+                                gallery = gr.Gallery(label="This session", columns=6, height=150, elem_id="history", object_fit="contain",
+                                                     allow_preview=False)
+                                with gr.Row():
+                                    reuse = gr.Button("Reuse these settings", size="sm", elem_id="reuse")
+                                picked = gr.JSON(label="Settings of the picked video", elem_id="history-settings",
+                                                 open=False)
+                            with gr.Tab("Result JSON", elem_id="result-tab"):
+                                summary = gr.JSON(label="summary", elem_id="summary")
+            with gr.Tab("Tools", elem_id="tools-tab"):
+                build_tools_tab(ctx, panel.model, rows_state)
         build_api(ctx)
 
         model = panel.model

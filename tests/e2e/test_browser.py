@@ -266,3 +266,36 @@ def test_preset_with_missing_and_changed_files_is_marked_not_dropped(page, app_s
     status = wait_text(page, "#run-status", "missing from the folder")
     assert "row 2 (demo/gone.safetensors)" in status
     shot(page, "7-stale-preset")
+
+
+def test_tools_tab_merges_the_stack_and_inspects_a_lora(page, app_server):
+    import json
+
+    pick(page, "model-picker", "demo-wan2.1-t2v-1.3b")
+    wait_text(page, "#model-note", "1 expert")
+    page.click("#add-lora")
+    page.locator("#lora-row-0").wait_for(state="visible")
+    file0 = "demo/style-peft.safetensors"
+    pick(page, "lora-file-0", file0)
+    wait_text(page, "#lora-info-0", "keys match this model")
+    page.get_by_role("tab", name="Tools").click()
+    page.fill("#merge-name input, #merge-name textarea", "merged-by-e2e")
+    page.click("#merge-run")
+    wait_text(page, "#merge-status", "wrote", timeout_s=120)
+    out = app_server["root"] / "models" / "merged-by-e2e"
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline"
+    assert "merged-by-e2e" in page.inner_text("#merge-report")
+    page.click("#merge-run")  # the same name again is refused, and the merged model is left alone
+    wait_text(page, "#merge-status", "⚠")
+    assert (out / "model_index.json").exists()
+
+    pick(page, "inspect-file", file0)
+    pick(page, "inspect-model", "demo-wan2.1-t2v-1.3b")
+    page.click("#inspect-run")
+    table = wait_text(page, "#inspect-table", "keys applied")
+    assert "demo Wan 1.3B" in table and "rank" in table
+    shot(page, "8-tools-tab")
+    pick(page, "inspect-model", "demo-wan2.2-t2v-a14b")
+    page.click("#inspect-run")
+    wait_text(page, "#inspect-table", "made for demo Wan 1.3B")
