@@ -51,7 +51,7 @@ def build_tools_tab(ctx: UIContext, model, rows_state) -> None:
         with gr.Column(scale=1, min_width=360):
             gr.Markdown("### Inspect a LoRA file")
             with gr.Row():
-                lora = gr.Dropdown([d["file"] for d in engine.list_loras()], label="LoRA file", scale=3,
+                lora = gr.Dropdown(_all_files(ctx), label="LoRA file", scale=3,
                                    elem_id="inspect-file")
                 against = gr.Dropdown([("no model", "")] + [(m, m) for m in model_ids], value="",
                                       label="Coverage on model", scale=2, elem_id="inspect-model")
@@ -89,4 +89,9 @@ def build_tools_tab(ctx: UIContext, model, rows_state) -> None:
         return inspection_markdown(info), info
 
     inspect_btn.click(on_inspect, [lora, against], [table, full], **PRIVATE)
-    rescan.click(lambda: gr.update(choices=[d["file"] for d in engine.list_loras()]), None, [lora], **PRIVATE)
+    rescan.click(lambda: gr.update(choices=_all_files(ctx, refresh=True)), None, [lora], **PRIVATE)
+
+
+def _all_files(ctx: UIContext, refresh: bool = False) -> list[str]:
+    """Every LoRA file in the folder, whatever model it was made for (model_type None: no filter)."""
+    return [d["file"] for d in ctx.loras(None, refresh=refresh)]
