@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -28,7 +29,13 @@ CHUNK_BYTES = 16 << 20  # fp32 rows computed at once: bounds scratch memory; few
 
 
 class WeightSource:
-    """Reads single tensors of a model folder's safetensors files with pread (no mmap, no full load)."""
+    """Reads single tensors (or row ranges) of a model folder's safetensors files, never the whole model.
+
+    Plain reads use pread into a fresh buffer. Streamed reads during a merge (`scratch` given) are
+    zero-copy views of a private read-only mapping of the file; each range's pages are dropped from
+    the process (MADV_DONTNEED) when the next range is read or on release(), so resident memory grows
+    by one chunk at most, and W0 costs one pass over the page cache instead of a copy plus a pass.
+    """
 
     def __init__(self, folder: str | Path):
         from engine.lora.files import read_safetensors_header
@@ -42,6 +49,8 @@ class WeightSource:
                     continue
                 start, end = info["data_offsets"]
                 self.index[key] = (file, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._pending: tuple[mmap.mmap, int, int] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.index)
@@ -70,6 +79,12 @@ class WeightSource:
         numel = 1
         for d in shape:
             numel *= d
+        self.release()
+        if scratch is not None and tdtype == dtype and numel and _CAN_DROP_PAGES:
+            mm = self._map(file)
+            view = torch.frombuffer(mm, dtype=tdtype, count=numel, offset=offset).view(shape)
+            self._pending = (mm, offset, numel * elem)
+            return view
         t = scratch.get("w0", numel, tdtype).view(shape) if scratch is not None else torch.empty(shape, dtype=tdtype)
         fd = os.open(file, os.O_RDONLY)
         try:
@@ -77,6 +92,27 @@ class WeightSource:
         finally:
             os.close(fd)
         return t.to(dtype)
+
+    def release(self) -> None:
+        """Drop the pages of the last streamed range from this process (they stay in the page cache)."""
+        if self._pending is None:
+            return
+        mm, start, length = self._pending
+        self._pending = None
+        aligned = start - start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, aligned, start + length - aligned)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(file, "rb") as f:
+                # ACCESS_COPY: private and writable for torch.frombuffer; nothing is ever written to it.
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[file] = mm
+        return mm
+
+
+_CAN_DROP_PAGES = hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap.mmap, "madvise")
 
 
 def sources_for_module(module) -> list[WeightSource]:
@@ -226,6 +262,8 @@ class ModuleMerger:
                 if mirror is not None and mirror.data_ptr() != param.data.data_ptr():
                     mirror.copy_(param.data)
         self._scratch = None
+        for src in self.sources:
+            src.release()
         stats.seconds = time.perf_counter() - t0
         return stats
 
