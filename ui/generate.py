@@ -73,6 +73,12 @@ class Run:
         with self.events.mutex:
             return any(kind == "step" for kind, _ in self.events.queue)
 
+    def more_soon(self, seconds: float) -> bool:
+        """Whether another event is queued now or arrives within `seconds`."""
+        # not_empty shares the queue's (non-reentrant) mutex, so the predicate reads the deque directly
+        with self.events.not_empty:
+            return self.events.not_empty.wait_for(lambda: len(self.events.queue) > 0, timeout=seconds)
+
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         while True:
             kind, payload = self.events.get()
@@ -189,26 +195,36 @@ def run_events(ctx: UIContext, request: GenerationRequest, progress=None, stream
             ctx.engine.cancel()
 
 
+# Engine events that come in a burst (plan, status, gauge, stack report before the first step) are merged
+# into one page update: every update is a full round trip through Gradio, which costs far more than the
+# engine needs to reach its first step.
+COALESCE_SECONDS = 0.02
+
+
 def _drive(run: Run, progress=None):
     last_sample: dict | None = None
     started = time.perf_counter()
     step_seconds: list[float] = []
+    pending: dict[str, Any] = {}
     for kind, payload in run:
         if kind == "status":
-            yield "update", {"status": str(payload)}
+            pending["status"] = str(payload)
         elif kind == "loras":
-            yield "update", {"report": format_report(payload)}
+            pending["report"] = format_report(payload)
         elif kind == "plan":
-            yield "update", {"plan": format_plan(payload)}
+            pending["plan"] = format_plan(payload)
         elif kind == "retry":
-            yield "update", {"status": f"⚠ {payload}"}
+            pending["status"] = f"⚠ {payload}"
         elif kind == "memory":
             last_sample = payload
-            yield "update", {"gauge": format_gauge(payload)}
+            pending["gauge"] = format_gauge(payload)
         elif kind == "video_chunk" and isinstance(payload, str) and not run.finished.is_set():
             # Each streamed segment costs Gradio an ffmpeg mux; once the MP4 exists, showing it beats
             # catching the player up on segments.
-            yield "update", {"chunk": payload}
+            if "chunk" in pending:  # one segment per update: the streaming player takes them one by one
+                yield "update", pending
+                pending = {}
+            pending["chunk"] = payload
         elif kind == "step":
             step_seconds.append(payload.seconds)
             mean = sum(step_seconds[-5:]) / len(step_seconds[-5:])
@@ -217,10 +233,14 @@ def _drive(run: Run, progress=None):
                     f" · {payload.expert.replace('_', '-')}")
             if progress is not None:
                 progress((payload.step, payload.total), desc=text, unit="steps")
-            update = {"status": text}
+            pending["status"] = text
             if not run.step_pending():  # when the page lags behind the engine, only the newest preview is drawn
-                update["preview"] = preview_animation(payload.preview, payload.step, payload.total)
-            yield "update", update
+                pending["preview"] = preview_animation(payload.preview, payload.step, payload.total)
+        if pending and (kind == "step" or not run.more_soon(COALESCE_SECONDS)):
+            yield "update", pending
+            pending = {}
+    if pending:
+        yield "update", pending
     if run.error is not None:
         raise run.error
     run.result.notes = list(run.result.notes) + [f"wall time {time.perf_counter() - started:.2f} s"]

@@ -58,12 +58,15 @@ REQ = GenerationRequest(model="m", prompt="p")
 
 def test_report_and_plan_come_before_the_first_step_and_every_step_reports():
     updates = list(run_events(Ctx(ScriptedEngine(step_delay_s=0.2)), REQ))  # the consumer keeps up
-    keys = [next(iter(u[1])) if u[0] == "update" else "result" for u in updates]
-    assert keys.index("report") < keys.index("plan") < keys.index("status", 2)
+    first_step = next(i for i, u in enumerate(updates) if "step " in str(u[1].get("status", "")))
+    before = [u[1] for u in updates[:first_step]]
+    assert {"report", "plan", "status"} <= {k for u in before for k in u}
+    # the burst before the first step (status, stack report, plan) reaches the page as one update
+    assert len(before) == 1 and before[0]["status"] == "loading"
     steps = [u[1] for u in updates if u[0] == "update" and "step " in str(u[1].get("status", ""))]
     assert [s["status"].split(" ·")[0] for s in steps] == ["step 1/3", "step 2/3", "step 3/3"]
     assert all("data:image/gif;base64," in s["preview"] for s in steps)  # nothing queued behind them
-    assert "40/40 keys applied" in updates[1][1]["report"]
+    assert "40/40 keys applied" in before[0]["report"]
     assert "after the run" in updates[-2][1]["gauge"] and updates[-1][0] == "result"
 
 
