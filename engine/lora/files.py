@@ -38,6 +38,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _tensor_entries(header: dict, path: Path):
+    """(key, header entry, torch dtype) for every tensor of a safetensors header; unknown dtypes refused."""
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise LoraFormatError(f"{path.name}: tensor {key} has unsupported dtype {info.get('dtype')}")
+        yield key, info, dtype
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """The JSON header of a safetensors file and the offset where its data starts.
 
@@ -146,12 +157,7 @@ def _read_tensors(path: Path, header: dict[str, Any], data_start: int) -> dict[s
     tensors: dict[str, Any] = {}
     fd = os.open(path, os.O_RDONLY)
     try:
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = _ST_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise LoraFormatError(f"{path.name}: tensor {key} has unsupported dtype {info.get('dtype')}")
+        for key, info, dtype in _tensor_entries(header, path):
             start, end = (int(x) for x in info["data_offsets"])
             t = torch.empty(tuple(info.get("shape", [])), dtype=dtype)
             if t.numel() * t.element_size() != end - start:
@@ -230,12 +236,7 @@ def read_lora_shapes(path: str | Path, *, sha256: str | None = None) -> LoraFile
     header, _ = read_safetensors_header(path)
     tensors: dict[str, Any] = {}
     alpha_keys = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise LoraFormatError(f"{path.name}: tensor {key} has unsupported dtype {info.get('dtype')}")
+    for key, info, dtype in _tensor_entries(header, path):
         tensors[key] = torch.empty(info.get("shape", []), dtype=dtype, device="meta")
         if key.endswith(".alpha"):
             alpha_keys.append(key)
