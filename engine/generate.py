@@ -31,19 +31,18 @@ class Generator:
         self._device = None
         self._dtype = None
         self._offload: tuple | None = None  # (pipeline id, mode, vae_tiling, text_encoder_on_cpu, device) applied
-        self._stack_fingerprint: str | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     def cancel(self) -> None:
         self._cancel.set()
 
     def release(self) -> None:
-        from engine.device import free_memory
+        from engine.memory.recovery import release_memory
 
         self._pipe = self._i2v_pipe = None
         self._pipe_key = None
-        self._offload = self._stack_fingerprint = None
-        free_memory()
+        self._offload = None
+        release_memory()
 
     def load(self, info: ModelInfo, spec: ModelSpec):
         """The pipeline for `info`, loaded once and cached until another model is asked for."""
@@ -81,7 +80,7 @@ class Generator:
     def run(self, info: ModelInfo, spec: ModelSpec, req: GenerationRequest, on_event: EventCallback,
             out_path: str | Path | None = None, stream_video: bool = False) -> GenerationResult:
         from engine import memory
-        from engine.device import free_memory
+        from engine.memory.recovery import release_memory
 
         r = resolve_request(req, spec)
         image = _load_image(req.image, r) if req.image else None
@@ -117,7 +116,7 @@ class Generator:
                 frames = memory.run_with_oom_recovery(
                     attempt, plan, on_retry, context=f"{r.width}x{r.height}, {r.frames} frames, {n_loras} LoRA(s)")
         finally:
-            free_memory()
+            release_memory()
         final_plan = state["plan"]
         lora_report = state["loras"]
         settings = _settings_json(info, spec, req, r, lora_report, final_plan.mode.value)
@@ -147,40 +146,24 @@ class Generator:
     def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event) -> list[dict]:
         """Merge the request's stack into the experts and put the pipeline into the plan's offload mode.
 
-        The merge writes the weights in place, which every offload mode honours except group/sequential
-        offload with CUDA streams: those keep pinned CPU copies made when the hooks are installed. So a
-        changed stack under such hooks is merged with the hooks removed, and the hooks go back on after.
+        The merge is exact under every offload mode (it also updates the pinned CPU copies that group
+        offloading with CUDA streams keeps), so the hooks stay in place across stack changes.
         """
-        from engine.memory.offload import apply_plan, undo_plan
+        from engine.memory.offload import apply_plan
 
-        # Tracked here, not on the pipeline: TI2V's image pipeline shares its modules with the text one,
-        # so hooks and merged weights belong to the modules, whichever pipeline object runs them.
-        wanted = (id(pipe), plan.mode.value, plan.vae_tiling, bool(plan.text_encoder_on_cpu), plan.device)
-        fingerprint = self._fingerprint(req.stack)
-        copies_weights = self._offload is not None and self._offload[1] in ("group", "sequential") \
-            and self._offload[4] == "cuda"
-        if fingerprint != self._stack_fingerprint and copies_weights:
-            undo_plan(pipe)
-            self._offload = None
         if req.stack.entries:
             on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
         resolve = Path if self.settings.allow_lora_paths_outside else None
         report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
                                   resolve=resolve)
-        self._stack_fingerprint = fingerprint
         on_event("loras", report)
+        # Tracked here, not on the pipeline: TI2V's image pipeline shares its modules with the text one,
+        # so the hooks belong to the modules, whichever pipeline object runs them.
+        wanted = (id(pipe), plan.mode.value, plan.vae_tiling, bool(plan.text_encoder_on_cpu), plan.device)
         if self._offload != wanted:
             apply_plan(pipe, plan, _plan_device(plan))
             self._offload = wanted
         return report
-
-    def _fingerprint(self, stack) -> str:
-        resolve = Path if self.settings.allow_lora_paths_outside else None
-        hashes = {}
-        for e in stack.entries:
-            path = self.loras.path_of(e.file, resolve)
-            hashes[e.file] = self.loras.sha256_of(path) if path.is_file() else "missing"
-        return stack.fingerprint(hashes)
 
     def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video):
         import torch
