@@ -39,6 +39,10 @@ class Settings:
     vram_reserve_bytes: int = 1 << 30
     # The CLI names LoRA files by the user's own paths; the UI and API only by paths inside loras_dir.
     allow_lora_paths_outside: bool = False
+    # Speed defaults for requests that say "auto" (engine/speed): app.py --attention / --compile.
+    attention: str = "auto"
+    compile: str = "auto"
+    compile_backend: str = "inductor"
 
 
 class Engine:

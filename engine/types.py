@@ -139,6 +139,7 @@ class GenerationRequest:
     offload: str = "auto"
     skip_failing_loras: bool = False
     vram_reserve_bytes: int = 0
+    speed: "SpeedOptions | None" = None  # engine.speed.options (attention, compile, step cache); None: defaults
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class GenerationResult:
     plan: dict[str, Any] = field(default_factory=dict)
     peak_vram_bytes: int | None = None
     peak_ram_bytes: int | None = None
+    speed: dict[str, Any] = field(default_factory=dict)  # attention backend, compile, step cache computed/skipped
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
