@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 'queue full'")
     p.add_argument("--max-upload", default="20mb", help="largest upload (start image, preset), e.g. 20mb")
     p.add_argument("--no-demo", action="store_true", help="do not build the demo model when no real model is found")
+    from engine.cli.core import add_speed_arguments
+
+    add_speed_arguments(p)  # --attention, --compile / --no-compile: defaults for every run from the page
     return p.parse_args(argv)
 
 
@@ -56,7 +59,7 @@ def build(args: argparse.Namespace):
     dirs = {k: Path(getattr(args, k)).resolve() for k in ("models_dir", "loras_dir", "presets_dir", "outputs_dir", "data_dir")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    engine = Engine(Settings(offload=args.offload, lora_caps=caps, **dirs))
+    engine = Engine(Settings(offload=args.offload, lora_caps=caps, attention=args.attention, compile=args.compile, **dirs))
     if not args.no_demo and not any(m.ok and not m.demo for m in engine.list_models()):
         log.info("no real model in %s: using the demo model (random weights)", dirs["models_dir"])
         engine.ensure_demo_model()

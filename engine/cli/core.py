@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from engine.speed.options import SpeedOptions
 from engine.types import GenerationRequest, LoraEntry, RequestError, Stack, StepInfo
 
 
@@ -41,9 +42,23 @@ def register(sub) -> None:
     p.add_argument("--shift", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    add_speed_arguments(p)
+    p.add_argument("--cache", default="off", help="step cache: off or first_block (needs 10+ steps)")
+    p.add_argument("--cache-threshold", type=float, help="step cache threshold in (0, 1]; higher skips more (default 0.05)")
     p.add_argument("--out", required=True, help="the MP4 to write")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+
+def add_speed_arguments(p) -> None:
+    """--attention and --compile/--no-compile, shared by `generate` and app.py."""
+    from engine.speed.options import ATTENTION_CHOICES
+
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="attention backend (auto: the fastest installed for the device; a missing one falls back to native)")
+    p.add_argument("--compile", dest="compile", action="store_const", const="on", default="auto",
+                   help="torch.compile the transformer blocks (default: on with CUDA, off on a CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="never compile")
 
 
 def cmd_demo(args):
@@ -92,11 +107,10 @@ def cmd_generate(args):
         raise RequestError(f"--model {args.model}: {info.reason}")
     entries = [parse_lora_spec(s) for s in args.lora]
     loras_dir = Path(args.loras_dir)
+    preset = None
     if args.preset:
-        from engine.presets import PresetStore
-
-        preset = PresetStore(Path(args.presets_dir)).load(args.preset)
-        entries = [LoraEntry(**{**e.to_dict(), "file": str((loras_dir / e.file).resolve())}) for e in preset.stack.entries] + entries
+        preset = _preset_entries(args.preset, Path(args.presets_dir), loras_dir)
+        entries = [LoraEntry.from_dict({**e, "file": str((loras_dir / e["file"]).resolve())}) for e in preset.entries] + entries
     # CLI paths are the user's own: make them absolute so they do not depend on the LoRA folder.
     entries = [LoraEntry(**{**e.to_dict(), "file": str(Path(e.file).resolve())}) for e in entries]
     engine = Engine(Settings(models_dir=Path(args.model).parent, loras_dir=loras_dir,
@@ -107,17 +121,48 @@ def cmd_generate(args):
         width=args.width, height=args.height, frames=args.frames, fps=args.fps, steps=args.steps,
         guidance=args.guidance, guidance_2=args.guidance_2, seed=args.seed, shift=args.shift,
         stack=Stack(tuple(entries)), offload=args.offload, skip_failing_loras=args.skip_failing_loras,
+        speed=SpeedOptions(attention=args.attention, compile=args.compile, cache=args.cache,
+                           cache_threshold=args.cache_threshold),
     )
+    changes: list[str] = []
+    if preset is not None and preset.settings:
+        from engine.catalog import get_spec
+        from engine.speed.presets import apply_settings
+
+        explicit = {name for name in ("steps", "guidance", "guidance_2", "shift") if getattr(args, name) is not None}
+        req, changes = apply_settings(req, preset.settings, get_spec(info.type), explicit, preset.name)
+        for line in changes:
+            print(line, file=sys.stderr)
 
     def on_event(kind, payload):
         if kind == "step" and isinstance(payload, StepInfo):
             print(f"step {payload.step}/{payload.total} ({payload.expert}) {payload.seconds:.2f}s", file=sys.stderr)
         elif kind in ("status", "retry"):
             print(payload, file=sys.stderr)
+        elif kind == "plan" and isinstance(payload, dict) and payload.get("speed"):
+            for line in payload["speed"]["reasons"]:
+                print(line, file=sys.stderr)
 
     result = engine.generate(req, on_event, out_path=args.out)
     if args.json:
         summary = result.to_dict()
         summary.pop("settings")
+        summary["preset_changes"] = changes
         return summary
     return f"wrote {result.path}: {result.frames} frames {result.width}x{result.height}, seed {result.seed}, {result.seconds:.1f}s"
+
+
+def _preset_entries(name: str, presets_dir: Path, loras_dir: Path):
+    """The preset, its rows pointed at their files in the LoRA folder; a missing file is one clear error."""
+    from engine.presets import PresetStore, mark_entries
+    from engine.speed.presets import locate_files
+
+    preset = PresetStore(presets_dir).load(name)
+    available = [p.relative_to(loras_dir).as_posix() for p in loras_dir.rglob("*.safetensors")] if loras_dir.is_dir() else []
+    preset.entries = locate_files(preset.entries, available)
+    missing = [row["file"] for row in mark_entries(preset.entries, {f: None for f in available})
+               if row["status"] == "missing" and row.get("enabled", True)]
+    if missing:
+        raise RequestError(f"preset {preset.name!r} needs {', '.join(missing)} in {loras_dir}, not there yet. "
+                           f"{preset.notes}".strip())
+    return preset
