@@ -106,7 +106,7 @@ class Generator:
             pipe = self.load(info, spec)
             _set_shift(pipe, r.shift)
             run_pipe = self._pipe_for(pipe, spec, image)
-            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event)
+            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event, steps=r.steps)
             state["plan"] = current_plan
             return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video)
 
@@ -143,7 +143,8 @@ class Generator:
             return self._i2v_pipe
         return pipe
 
-    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event) -> list[dict]:
+    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event,
+                              steps: int | None = None) -> list[dict]:
         """Merge the request's stack into the experts and put the pipeline into the plan's offload mode.
 
         The merge is exact under every offload mode (it also updates the pinned CPU copies that group
@@ -154,8 +155,12 @@ class Generator:
         if req.stack.entries:
             on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
         resolve = Path if self.settings.allow_lora_paths_outside else None
+        # Scheduled weights (issue 11): the runtime path needs the run's steps and the expert split.
+        from engine.lora.stack_runtime import high_noise_steps_of
+
+        high_steps = high_noise_steps_of(pipe, spec.boundary_ratio, steps) if steps and spec.dual_expert else None
         report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
-                                  resolve=resolve)
+                                  resolve=resolve, steps=steps, high_steps=high_steps)
         on_event("loras", report)
         # Tracked here, not on the pipeline: TI2V's image pipeline shares its modules with the text one,
         # so the hooks belong to the modules, whichever pipeline object runs them.
@@ -172,6 +177,7 @@ class Generator:
         last = [time.perf_counter()]
 
         def on_step(p, i, t, kwargs):
+            self.loras.set_step(i + 1, r.steps)  # scheduled LoRA weights for the next step (issue 11)
             now = time.perf_counter()
             expert = SINGLE if not spec.dual_expert else (HIGH if float(t) >= boundary else LOW)
             from engine.preview import latents_to_frames

@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--image", help="start image for I2V / TI2V")
-    p.add_argument("--lora", action="append", default=[], metavar="SPEC", help="PATH[=WEIGHT[,APPLIES_TO]]; repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="SPEC", help="PATH[=WEIGHT[,APPLIES_TO]], WEIGHT a number or a schedule 1.0:0.8:0.5; repeatable")
     p.add_argument("--preset", help="a named stack from --presets-dir")
     p.add_argument("--presets-dir", default="presets")
     p.add_argument("--loras-dir", default="loras", help="where preset entries are looked up")
@@ -68,15 +68,18 @@ def cmd_models(args):
 
 
 def parse_lora_spec(spec: str) -> LoraEntry:
-    """`PATH[=WEIGHT[,APPLIES_TO]]` -> LoraEntry."""
+    """`PATH[=WEIGHT[,APPLIES_TO]]` -> LoraEntry; WEIGHT is a number or a schedule `1.0:0.8:0.5`."""
     path, _, rest = spec.partition("=")
     weight, applies_to = 1.0, "both"
     if rest:
         w, _, a = rest.partition(",")
+        from engine.lora.schedule import parse_weight
+
         try:
-            weight = float(w)
+            weight = parse_weight(w)  # a number, or a schedule 1.0:0.8:0.5
         except ValueError:
-            raise RequestError(f"--lora {spec!r}: weight {w!r} is not a number (form PATH[=WEIGHT[,APPLIES_TO]])") from None
+            raise RequestError(f"--lora {spec!r}: weight {w!r} is not a number or a schedule like 1.0:0.8:0.5 "
+                               "(form PATH[=WEIGHT[,APPLIES_TO]])") from None
         applies_to = a or "both"
     if not path:
         raise RequestError(f"--lora {spec!r} has no path (form PATH[=WEIGHT[,APPLIES_TO]])")

@@ -57,3 +57,27 @@ def parse_weight(text: str, field: str = "weight") -> Weight:
                 f"{field} {text!r}: {part!r} is not a number; write a number or numbers joined by ':' "
                 "(e.g. 1.0:0.8:0.5)") from None
     return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def strength_for_expert(weight, entry_both_whole_run: bool, expert: str, high_steps: int | None):
+    """A (step, total) -> strength function for a scheduled weight on one expert, steps counted over the whole run.
+
+    `entry_both_whole_run`: the schedule covers every step of the run (applies_to both without a
+    separate low_noise_weight, or a single-expert model). Otherwise it covers the expert's phase:
+    steps [0, high_steps) for high_noise, [high_steps, total) for low_noise.
+    """
+    values = [float(v) for v in weight] if not isinstance(weight, (int, float)) else [float(weight)]
+    if entry_both_whole_run or expert == "single":
+        return lambda step, total: value_at(values, step, total)
+    if high_steps is None:
+        raise ValueError(f"a {expert} schedule needs the number of high-noise steps of the run")
+    if expert == "high_noise":
+        return lambda step, total: value_at(values, step, min(high_steps, total))
+    return lambda step, total: value_at(values, step - high_steps, total - high_steps)
+
+
+def high_noise_steps(timesteps, boundary_timestep: float | None) -> int:
+    """How many steps the high-noise expert runs: those with t >= boundary (how the Wan2.2 pipelines switch)."""
+    if boundary_timestep is None:
+        return len(timesteps)
+    return sum(1 for t in timesteps if float(t) >= boundary_timestep)
