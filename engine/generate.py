@@ -96,6 +96,14 @@ class Generator:
         self._cancel.clear()
         started = time.perf_counter()
         notes: list[str] = []
+        if stream_video:
+            from engine.video import streaming_unavailable
+
+            why = streaming_unavailable()
+            if why:  # the player would fail on every segment; the finished MP4 is shown instead
+                stream_video = False
+                notes.append(why)
+                on_event("status", why)
         state: dict[str, Any] = {}
 
         def on_retry(message: str) -> None:
