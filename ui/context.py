@@ -52,9 +52,12 @@ class UIContext:
             if refresh:
                 self._loras.clear()
                 self._coverage.clear()
-            if model_type not in self._loras:
-                self._loras[model_type] = self._scan(model_type)
-            return self._loras[model_type]
+            cached = self._loras.get(model_type)
+        if cached is not None:
+            return cached
+        rows = self._scan(model_type)  # file I/O outside the lock: a slow disk never stalls other tabs
+        with self._lock:
+            return self._loras.setdefault(model_type, rows)
 
     def _scan(self, model_type: str) -> list[dict[str, Any]]:
         if hasattr(self.engine, "list_loras"):
