@@ -14,6 +14,7 @@ from engine.types import RequestError, Stack, WanStackError
 from ui import stack_logic
 
 log = logging.getLogger(__name__)
+MAX_STACK_CHARS = 64 * 1024  # a stack of 64 entries is a few KB; larger text is not a stack
 
 
 class UIContext:
@@ -142,11 +143,15 @@ class UIContext:
         text = (text or "").strip()
         if not text:
             return Stack()
+        if len(text) > MAX_STACK_CHARS:
+            raise RequestError(f"stack is {len(text)} characters; at most {MAX_STACK_CHARS} are accepted")
         if text[0] in "[{":
             try:
                 rows = json.loads(text)
             except json.JSONDecodeError as e:
                 raise RequestError(f"stack is not valid JSON ({e}); send a list like [{{\"file\": \"a.safetensors\", \"weight\": 1}}] or a preset name") from None
+            except RecursionError:
+                raise RequestError("stack is nested too deeply; send a flat list of entries") from None
             if isinstance(rows, dict):
                 rows = rows.get("entries", rows)
             return Stack.from_list(rows)
