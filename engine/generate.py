@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from engine.catalog import HIGH, LOW, SINGLE, ModelSpec
 from engine.detect import ModelInfo
-from engine.request import Resolved, resolve_request
+from engine.request import Resolved, check_model_limits, refuse_unfit, resolve_request
 from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, StepInfo
 
 log = logging.getLogger(__name__)
@@ -83,19 +83,31 @@ class Generator:
         from engine.memory.recovery import release_memory
 
         r = resolve_request(req, spec)
-        image = _load_image(req.image, r) if req.image else None
+        check_model_limits(r, spec, _transformer_config(info.path))
         n_loras = max((len(req.stack.enabled_for(e)) for e in spec.experts), default=0)
         self.loras.check(spec, req.stack)
         snapshot = memory.snapshot()
+        reserve = req.vram_reserve_bytes or self.settings.vram_reserve_bytes
+        dtype = None if snapshot.free_vram_bytes() is not None else "fp32"
         plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
-                               choice=req.offload, reserve_bytes=req.vram_reserve_bytes or self.settings.vram_reserve_bytes,
-                               dtype=None if snapshot.free_vram_bytes() is not None else "fp32")
+                               choice=req.offload, reserve_bytes=reserve, dtype=dtype)
+        if not (req.ignore_memory_plan or getattr(self.settings, "ignore_memory_plan", False)):
+            refuse_unfit(plan, spec, r, n_loras, snapshot, req.offload, reserve, dtype)
+        image = _load_image(req.image, r) if req.image else None
         if n_loras:
             memory.require_stack_transient(plan.workload, plan, snapshot)
         on_event("plan", plan.to_dict())
         self._cancel.clear()
         started = time.perf_counter()
         notes: list[str] = []
+        if stream_video:
+            from engine.video import streaming_unavailable
+
+            why = streaming_unavailable()
+            if why:  # the player would fail on every segment; the finished MP4 is shown instead
+                stream_video = False
+                notes.append(why)
+                on_event("status", why)
         state: dict[str, Any] = {}
 
         def on_retry(message: str) -> None:
@@ -305,6 +317,17 @@ def _load_image(path: str, r: Resolved):
         raise RequestError(f"image {path} does not exist; pick an existing PNG or JPEG") from None
     except (UnidentifiedImageError, OSError) as e:
         raise RequestError(f"image {path} could not be read ({e}); use a PNG or JPEG") from None
+
+
+def _transformer_config(model_path) -> dict | None:
+    """The transformer's config.json of a diffusers folder (None for other layouts or when unreadable)."""
+    import json
+
+    path = Path(model_path) / "transformer" / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _default_out(outputs_dir, seed: int) -> Path:

@@ -41,6 +41,8 @@ def register(sub) -> None:
     p.add_argument("--shift", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    p.add_argument("--ignore-memory-plan", action="store_true",
+                   help="run even when the memory plan says it cannot fit (refused otherwise)")
     p.add_argument("--out", required=True, help="the MP4 to write")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -99,7 +101,11 @@ def cmd_generate(args):
         from engine.presets import PresetStore
 
         preset = PresetStore(Path(args.presets_dir)).load(args.preset)
-        entries = [LoraEntry(**{**e.to_dict(), "file": str((loras_dir / e.file).resolve())}) for e in preset.stack.entries] + entries
+        if preset.model_type != info.type:
+            print(f"note: preset {preset.name!r} was saved for {preset.model_type}; --model is {info.type}",
+                  file=sys.stderr)
+        entries = [LoraEntry.from_dict({**e, "file": str((loras_dir / e["file"]).resolve())})
+                   for e in preset.entries] + entries
     # CLI paths are the user's own: make them absolute so they do not depend on the LoRA folder.
     entries = [LoraEntry(**{**e.to_dict(), "file": str(Path(e.file).resolve())}) for e in entries]
     engine = Engine(Settings(models_dir=Path(args.model).parent, loras_dir=loras_dir,
@@ -110,6 +116,7 @@ def cmd_generate(args):
         width=args.width, height=args.height, frames=args.frames, fps=args.fps, steps=args.steps,
         guidance=args.guidance, guidance_2=args.guidance_2, seed=args.seed, shift=args.shift,
         stack=Stack(tuple(entries)), offload=args.offload, skip_failing_loras=args.skip_failing_loras,
+        ignore_memory_plan=args.ignore_memory_plan,
     )
 
     def on_event(kind, payload):
