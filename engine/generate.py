@@ -57,6 +57,16 @@ class Generator:
         self.release()
         _quiet_loading()
         self._device, self._dtype = pick_device()
+        if info.source != "diffusers":  # a recipe or a model assembled from --comfyui: single files
+            from engine.models.load import build_pipeline
+
+            loaded = build_pipeline(info, self._dtype)
+            pipe = loaded.pipe
+            for comp, source in loaded.sources.items():  # LoRA W0 is re-read from the single file, not copied
+                self.loras.register_source(getattr(pipe, comp), source)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe, self._pipe_key = pipe, key
+            return pipe
         # The Wan docs load the VAE in fp32 and the rest in bf16; on CPU everything is fp32.
         parts = {"vae": AutoencoderKLWan.from_pretrained(info.path, subfolder="vae", **_dtype_kw(torch.float32))}
         if (Path(info.path) / "image_encoder").is_dir():  # Wan2.1 I2V: the docs keep the CLIP encoder in fp32 too
@@ -65,6 +75,11 @@ class Generator:
             parts["image_encoder"] = CLIPVisionModel.from_pretrained(
                 info.path, subfolder="image_encoder", dtype=torch.float32)
         pipe = DiffusionPipeline.from_pretrained(info.path, **parts, **_dtype_kw(self._dtype))
+        from engine.models.load import own_aligned
+
+        for name in ("transformer", "transformer_2", "text_encoder", "vae", "image_encoder"):
+            if getattr(pipe, name, None) is not None:
+                own_aligned(getattr(pipe, name))  # same memory layout as single-file loads: same frames
         pipe.set_progress_bar_config(disable=True)
         self._pipe, self._pipe_key = pipe, key
         return pipe

@@ -37,20 +37,49 @@ class WeightSource:
     by one chunk at most, and W0 costs one pass over the page cache instead of a copy plus a pass.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, names: dict[str, str] | None = None):
+        """`folder`: a diffusers component folder, or one .safetensors file. `names` maps parameter names to
+        the file's own tensor names (single files keep the original Wan / ComfyUI names and prefixes); fp8
+        tensors with a ComfyUI `scale_weight` are dequantized with it when read in another dtype."""
         from engine.lora.files import read_safetensors_header
 
         self.folder = Path(folder)
-        self.index: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
-        for file in sorted(self.folder.glob("*.safetensors")):
+        files = [self.folder] if self.folder.is_file() else sorted(self.folder.glob("*.safetensors"))
+        raw: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+        for file in files:
             header, data_start = read_safetensors_header(file)
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
                 start, end = info["data_offsets"]
-                self.index[key] = (file, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
+                raw[key] = (file, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
+        self.scales: dict[str, float] = {}
+        if names is None:
+            self.index = raw
+        else:
+            self.index = {name: raw[key] for name, key in names.items() if key in raw}
+            for name, key in names.items():
+                scale_key = key[: -len("weight")] + "scale_weight" if key.endswith("weight") else None
+                if scale_key in raw and raw[key][1].startswith("F8"):
+                    self.scales[name] = self._scalar(raw[scale_key])
         self._maps: dict[Path, mmap.mmap] = {}
         self._pending: tuple[mmap.mmap, int, int] | None = None
+
+    @staticmethod
+    def _scalar(entry) -> float:
+        import torch
+
+        file, st_dtype, _shape, offset, _ = entry
+        t = torch.empty((), dtype=_ST_DTYPES.get(st_dtype))
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            pread_into(fd, t, offset)
+        finally:
+            os.close(fd)
+        return float(t)
+
+    def stored_dtype(self, name: str):
+        return _ST_DTYPES.get(self.index[name][1])
 
     def __bool__(self) -> bool:
         return bool(self.index)
@@ -91,6 +120,10 @@ class WeightSource:
             pread_into(fd, t, offset)
         finally:
             os.close(fd)
+        if tdtype != dtype and name in self.scales:
+            from engine.models.fp8 import dequantize
+
+            return dequantize(t, self.scales[name], dtype)
         return t.to(dtype)
 
     def release(self) -> None:
