@@ -104,7 +104,7 @@ class Generator:
         snapshot = memory.snapshot()
         plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
                                choice=req.offload, reserve_bytes=req.vram_reserve_bytes or self.settings.vram_reserve_bytes,
-                               dtype=None if snapshot.free_vram_bytes() is not None else "fp32")
+                               dtype=None if snapshot.free_vram_bytes() is not None else "fp32", storage=info.storage or None)
         if n_loras:
             memory.require_stack_transient(plan.workload, plan, snapshot)
         on_event("plan", plan.to_dict())

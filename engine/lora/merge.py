@@ -322,12 +322,16 @@ class ModuleMerger:
         import torch
 
         data = param.data
+
+        def same(a, b) -> bool:  # bitwise, which also works for fp8 (torch.equal has no fp8 kernel on CPU)
+            return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
         if data.ndim == 0 or data.shape[0] <= 2:
-            return torch.equal(src.read(name, data.dtype).to(data.device), data)
+            return same(src.read(name, data.dtype).to(data.device), data)
         n = data.shape[0]
         head = src.read(name, data.dtype, slice(0, 1)).to(data.device)
         tail = src.read(name, data.dtype, slice(n - 1, n)).to(data.device)
-        return torch.equal(head, data[0:1]) and torch.equal(tail, data[n - 1:n])
+        return same(head, data[0:1]) and same(tail, data[n - 1:n])
 
     def _w0(self, name: str, param, rows: slice | None = None):
         if name in self.originals:
@@ -357,7 +361,20 @@ class ModuleMerger:
     def _write(self, name: str, param, contribs: list[Contribution], *, w0_is_live: bool) -> int:
         data = param.data
         w0_rows = None if w0_is_live else (lambda rows: self._w0(name, param, rows if data.ndim >= 2 else None))
+        if _is_fp8(data.dtype):
+            # fp8 weights (engine/models/fp8.py): stored = W / scale, so the merge adds delta / scale in fp32 to
+            # the stored values and rounds once back to fp8 (clamped to its finite range), deterministically.
+            from engine.models.fp8 import FP8_MAX
+
+            return write_merged(data, contribs, w0_rows, name=name, scratch=self._scratch,
+                                delta_scale=1.0 / self._fp8_scale(name), clamp=FP8_MAX)
         return write_merged(data, contribs, w0_rows, name=name, scratch=self._scratch)
+
+    def _fp8_scale(self, name: str) -> float:
+        module = self.module
+        owner = module.get_submodule(name.rpartition(".")[0]) if module is not None and "." in name else module
+        scale = getattr(owner, "weight_scale", None)
+        return float(scale) if scale is not None else 1.0
 
 
 def merged_tensor(w0, contribs: list[Contribution]):
@@ -370,8 +387,12 @@ def merged_tensor(w0, contribs: list[Contribution]):
     return w0
 
 
+def _is_fp8(dtype) -> bool:
+    return str(dtype).startswith("torch.float8")
+
+
 def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str = "",
-                 scratch: Scratch | None = None) -> int:
+                 scratch: Scratch | None = None, delta_scale: float = 1.0, clamp: float | None = None) -> int:
     """Write `W0 + sum_i w_i * scale_i * (B_i @ A_i) (+ w_i * diff_i)` into `data`, fp32 accumulation in row chunks.
 
     All ranks go into one GEMM per row chunk ([rows, sum r] @ [sum r, in]), so there is one rounding
@@ -397,7 +418,7 @@ def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str 
         for c in lowrank:
             p = c.patch
             r = int(p.down.shape[0])
-            up[:, off:off + r].copy_(p.up.reshape(out_dim, r)).mul_(c.weight * p.scale)
+            up[:, off:off + r].copy_(p.up.reshape(out_dim, r)).mul_(c.weight * p.scale * delta_scale)
             down[off:off + r].copy_(p.down.reshape(r, in_dim))
             off += r
     step = _chunk_rows(in_dim) if data.ndim >= 2 else out_dim
@@ -409,7 +430,9 @@ def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str 
         if up is not None:
             acc.addmm_(up[rows], down)
         for w, d in diffs:
-            acc.add_(d[rows].to(device=device, dtype=torch.float32), alpha=w)
+            acc.add_(d[rows].to(device=device, dtype=torch.float32), alpha=w * delta_scale)
+        if clamp is not None:
+            acc.clamp_(-clamp, clamp)
         flat[rows].copy_(acc)
     return 2 * out_dim * in_dim * total_rank
 

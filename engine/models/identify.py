@@ -20,13 +20,6 @@ _REAL_WIDTHS = {1536, 3072, 5120}
 _DEMO_WIDTHS = set(DEMO_WIDTH.values())
 STORAGE_LABELS = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8_e4m3fn": "fp8", "fp8_scaled": "fp8 scaled"}
 _ST_STORAGE = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F8_E4M3": "fp8_e4m3fn"}
-# Bytes per parameter of each storage, for the memory estimate (GGUF: block bytes / block values).
-BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8_e4m3fn": 1.0, "fp8_scaled": 1.0,
-                   "gguf-Q8_0": 34 / 32, "gguf-Q6_K": 210 / 256, "gguf-Q5_K": 176 / 256, "gguf-Q5_0": 22 / 32,
-                   "gguf-Q5_1": 24 / 32, "gguf-Q4_K": 144 / 256, "gguf-Q4_0": 18 / 32, "gguf-Q4_1": 20 / 32,
-                   "gguf-Q3_K": 110 / 256, "gguf-Q2_K": 84 / 256, "gguf-BF16": 2.0, "gguf-F16": 2.0, "gguf-F32": 4.0}
-
-
 @dataclass(frozen=True)
 class FileKind:
     path: str
@@ -159,4 +152,4 @@ def storage_label(storage: str, experts: int) -> str:
     return f"{label} · {experts} experts" if experts > 1 else label
 
 
-__all__ = ["FileKind", "classify_file", "expert_from_name", "storage_label", "BYTES_PER_PARAM", "MARKER"]
+__all__ = ["FileKind", "classify_file", "expert_from_name", "storage_label", "MARKER"]
