@@ -148,11 +148,20 @@ def _component(path: str, expected: str) -> tuple[str, FileKind | None]:
     return str(p), classify_file(p)
 
 
+def _subfolder(path: str | None, component: str) -> str | None:
+    """A whole diffusers model folder named for one component means its subfolder of that name."""
+    if path and (Path(path) / "model_index.json").is_file() and (Path(path) / component).is_dir():
+        return str(Path(path) / component)
+    return path
+
+
 def assemble(model_id: str, source: str, where: str, parts: dict[str, str | None], declared_type: str | None,
              pools: list[Pool]):
     """A ModelInfo for these parts; missing ones are taken from the pools or named in the reason."""
     from engine.catalog import CATALOG
     from engine.detect import ModelInfo
+
+    parts = {k: _subfolder(v, k) for k, v in parts.items()}
 
     files: dict[str, str] = {}
 
