@@ -57,6 +57,16 @@ class Generator:
         self.release()
         _quiet_loading()
         self._device, self._dtype = pick_device()
+        if info.source != "diffusers":  # a recipe or a model assembled from --comfyui: single files
+            from engine.models.load import build_pipeline
+
+            loaded = build_pipeline(info, self._dtype)
+            pipe = loaded.pipe
+            for comp, source in loaded.sources.items():  # LoRA W0 is re-read from the single file, not copied
+                self.loras.register_source(getattr(pipe, comp), source)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe, self._pipe_key = pipe, key
+            return pipe
         # The Wan docs load the VAE in fp32 and the rest in bf16; on CPU everything is fp32.
         parts = {"vae": AutoencoderKLWan.from_pretrained(info.path, subfolder="vae", **_dtype_kw(torch.float32))}
         if (Path(info.path) / "image_encoder").is_dir():  # Wan2.1 I2V: the docs keep the CLIP encoder in fp32 too
@@ -65,6 +75,11 @@ class Generator:
             parts["image_encoder"] = CLIPVisionModel.from_pretrained(
                 info.path, subfolder="image_encoder", dtype=torch.float32)
         pipe = DiffusionPipeline.from_pretrained(info.path, **parts, **_dtype_kw(self._dtype))
+        from engine.models.load import own_aligned
+
+        for name in ("transformer", "transformer_2", "text_encoder", "vae", "image_encoder"):
+            if getattr(pipe, name, None) is not None:
+                own_aligned(getattr(pipe, name))  # same memory layout as single-file loads: same frames
         pipe.set_progress_bar_config(disable=True)
         self._pipe, self._pipe_key = pipe, key
         return pipe
@@ -90,9 +105,9 @@ class Generator:
         reserve = req.vram_reserve_bytes or self.settings.vram_reserve_bytes
         dtype = None if snapshot.free_vram_bytes() is not None else "fp32"
         plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
-                               choice=req.offload, reserve_bytes=reserve, dtype=dtype)
+                               choice=req.offload, reserve_bytes=reserve, dtype=dtype, storage=info.storage or None)
         if not (req.ignore_memory_plan or getattr(self.settings, "ignore_memory_plan", False)):
-            refuse_unfit(plan, spec, r, n_loras, snapshot, req.offload, reserve, dtype)
+            refuse_unfit(plan, spec, r, n_loras, snapshot, req.offload, reserve, dtype, storage=info.storage or None)
         image = _load_image(req.image, r) if req.image else None
         if n_loras:
             memory.require_stack_transient(plan.workload, plan, snapshot)

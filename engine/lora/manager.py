@@ -417,10 +417,11 @@ class LoraManager:
             self._mergers.pop(id(module), None)
         self._last = None
 
-    def register_source(self, module, folder: str | Path) -> None:
-        """Tell the merger where `module`'s weights live on disk so W0 is re-read instead of copied."""
+    def register_source(self, module, folder: "str | Path | WeightSource") -> None:
+        """Tell the merger where `module`'s weights live on disk so W0 is re-read instead of copied
+        (a folder, or a WeightSource over a single file with its own key names)."""
         mg = self._merger(module)
-        mg.sources.insert(0, WeightSource(folder))
+        mg.sources.insert(0, folder if isinstance(folder, WeightSource) else WeightSource(folder))
 
     def _merger(self, module) -> ModuleMerger:
         mg = self._mergers.get(id(module))
