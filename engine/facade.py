@@ -41,6 +41,10 @@ class Settings:
     allow_lora_paths_outside: bool = False
     ignore_memory_plan: bool = False  # --ignore-memory-plan: run requests the memory plan says cannot fit
     comfyui_dir: Path | None = None  # an existing ComfyUI models/ folder (--comfyui): its models are listed too
+    # Speed defaults for requests that say "auto" (engine/speed): app.py --attention / --compile.
+    attention: str = "auto"
+    compile: str = "auto"
+    compile_backend: str = "inductor"
 
 
 class Engine:

@@ -2,6 +2,7 @@
 per-step reports and previews, decode (streaming chunks if asked), and write the MP4 atomically."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -111,7 +112,10 @@ class Generator:
         image = _load_image(req.image, r) if req.image else None
         if n_loras:
             memory.require_stack_transient(plan.workload, plan, snapshot)
-        on_event("plan", plan.to_dict())
+        from engine.speed.run import RunSpeed
+
+        speed = RunSpeed.for_request(req, r.steps, self.settings, plan)
+        on_event("plan", {**plan.to_dict(), "speed": speed.plan.to_dict()})
         self._cancel.clear()
         started = time.perf_counter()
         notes: list[str] = []
@@ -135,7 +139,8 @@ class Generator:
             run_pipe = self._pipe_for(pipe, spec, image)
             state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event, steps=r.steps)
             state["plan"] = current_plan
-            return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video)
+            speed.apply(list(self.experts(run_pipe, spec).values()), current_plan, on_event)
+            return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video, speed)
 
         on_event("status", f"loading {info.id}")
         try:
@@ -157,7 +162,7 @@ class Generator:
             path=str(path), seed=r.seed, frames=len(frames), width=frames[0].shape[1], height=frames[0].shape[0],
             fps=r.fps, seconds=round(seconds, 3), offload=final_plan.mode.value, loras=lora_report,
             model_type=spec.type, steps=r.steps, notes=notes, settings=settings, plan=final_plan.to_dict(),
-            peak_vram_bytes=watch.peak_vram_bytes, peak_ram_bytes=watch.peak_ram_bytes,
+            peak_vram_bytes=watch.peak_vram_bytes, peak_ram_bytes=watch.peak_ram_bytes, speed=speed.report(),
         )
 
     def _pipe_for(self, pipe, spec: ModelSpec, image):
@@ -197,7 +202,7 @@ class Generator:
             self._offload = wanted
         return report
 
-    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video):
+    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video, speed=None):
         import torch
 
         boundary = (spec.boundary_ratio or 0) * pipe.scheduler.config.num_train_timesteps
@@ -209,6 +214,8 @@ class Generator:
             expert = SINGLE if not spec.dual_expert else (HIGH if float(t) >= boundary else LOW)
             from engine.preview import latents_to_frames
 
+            if speed is not None:
+                speed.end_step()
             preview = latents_to_frames(kwargs["latents"])
             on_event("step", StepInfo(step=i + 1, total=r.steps, seconds=round(now - last[0], 4), expert=expert,
                                       preview=preview))
@@ -228,7 +235,8 @@ class Generator:
         if image is not None:
             args["image"] = image
         on_event("status", "denoising")
-        latents = pipe(**args).frames
+        with speed.caching(list(self.experts(pipe, spec).values())) if speed else contextlib.nullcontext():
+            latents = pipe(**args).frames
         if self._cancel.is_set():
             raise GenerationCancelled(f"stopped after the last step of {r.steps}")
         on_event("status", "decoding")

@@ -196,6 +196,7 @@ class GenerationRequest:
     skip_failing_loras: bool = False
     vram_reserve_bytes: int = 0
     ignore_memory_plan: bool = False  # run even when the memory plan says it cannot fit (refused otherwise)
+    speed: "SpeedOptions | None" = None  # engine.speed.options (attention, compile, step cache); None: defaults
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class GenerationResult:
     plan: dict[str, Any] = field(default_factory=dict)
     peak_vram_bytes: int | None = None
     peak_ram_bytes: int | None = None
+    speed: dict[str, Any] = field(default_factory=dict)  # attention backend, compile, step cache computed/skipped
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
