@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from engine.catalog import HIGH, LOW, SINGLE, ModelSpec
 from engine.detect import ModelInfo
-from engine.request import Resolved, resolve_request
+from engine.request import Resolved, check_model_limits, refuse_unfit, resolve_request
 from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, StepInfo
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,16 @@ class Generator:
         self.release()
         _quiet_loading()
         self._device, self._dtype = pick_device()
+        if info.source != "diffusers":  # a recipe or a model assembled from --comfyui: single files
+            from engine.models.load import build_pipeline
+
+            loaded = build_pipeline(info, self._dtype)
+            pipe = loaded.pipe
+            for comp, source in loaded.sources.items():  # LoRA W0 is re-read from the single file, not copied
+                self.loras.register_source(getattr(pipe, comp), source)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe, self._pipe_key = pipe, key
+            return pipe
         # The Wan docs load the VAE in fp32 and the rest in bf16; on CPU everything is fp32.
         parts = {"vae": AutoencoderKLWan.from_pretrained(info.path, subfolder="vae", **_dtype_kw(torch.float32))}
         if (Path(info.path) / "image_encoder").is_dir():  # Wan2.1 I2V: the docs keep the CLIP encoder in fp32 too
@@ -66,6 +76,11 @@ class Generator:
             parts["image_encoder"] = CLIPVisionModel.from_pretrained(
                 info.path, subfolder="image_encoder", dtype=torch.float32)
         pipe = DiffusionPipeline.from_pretrained(info.path, **parts, **_dtype_kw(self._dtype))
+        from engine.models.load import own_aligned
+
+        for name in ("transformer", "transformer_2", "text_encoder", "vae", "image_encoder"):
+            if getattr(pipe, name, None) is not None:
+                own_aligned(getattr(pipe, name))  # same memory layout as single-file loads: same frames
         pipe.set_progress_bar_config(disable=True)
         self._pipe, self._pipe_key = pipe, key
         return pipe
@@ -84,13 +99,17 @@ class Generator:
         from engine.memory.recovery import release_memory
 
         r = resolve_request(req, spec)
-        image = _load_image(req.image, r) if req.image else None
+        check_model_limits(r, spec, _transformer_config(info.path))
         n_loras = max((len(req.stack.enabled_for(e)) for e in spec.experts), default=0)
         self.loras.check(spec, req.stack)
         snapshot = memory.snapshot()
+        reserve = req.vram_reserve_bytes or self.settings.vram_reserve_bytes
+        dtype = None if snapshot.free_vram_bytes() is not None else "fp32"
         plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
-                               choice=req.offload, reserve_bytes=req.vram_reserve_bytes or self.settings.vram_reserve_bytes,
-                               dtype=None if snapshot.free_vram_bytes() is not None else "fp32")
+                               choice=req.offload, reserve_bytes=reserve, dtype=dtype, storage=info.storage or None)
+        if not (req.ignore_memory_plan or getattr(self.settings, "ignore_memory_plan", False)):
+            refuse_unfit(plan, spec, r, n_loras, snapshot, req.offload, reserve, dtype, storage=info.storage or None)
+        image = _load_image(req.image, r) if req.image else None
         if n_loras:
             memory.require_stack_transient(plan.workload, plan, snapshot)
         from engine.speed.run import RunSpeed
@@ -100,6 +119,14 @@ class Generator:
         self._cancel.clear()
         started = time.perf_counter()
         notes: list[str] = []
+        if stream_video:
+            from engine.video import streaming_unavailable
+
+            why = streaming_unavailable()
+            if why:  # the player would fail on every segment; the finished MP4 is shown instead
+                stream_video = False
+                notes.append(why)
+                on_event("status", why)
         state: dict[str, Any] = {}
 
         def on_retry(message: str) -> None:
@@ -110,7 +137,7 @@ class Generator:
             pipe = self.load(info, spec)
             _set_shift(pipe, r.shift)
             run_pipe = self._pipe_for(pipe, spec, image)
-            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event)
+            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event, steps=r.steps)
             state["plan"] = current_plan
             speed.apply(list(self.experts(run_pipe, spec).values()), current_plan, on_event)
             return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video, speed)
@@ -148,7 +175,8 @@ class Generator:
             return self._i2v_pipe
         return pipe
 
-    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event) -> list[dict]:
+    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event,
+                              steps: int | None = None) -> list[dict]:
         """Merge the request's stack into the experts and put the pipeline into the plan's offload mode.
 
         The merge is exact under every offload mode (it also updates the pinned CPU copies that group
@@ -159,8 +187,12 @@ class Generator:
         if req.stack.entries:
             on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
         resolve = Path if self.settings.allow_lora_paths_outside else None
+        # Scheduled weights (issue 11): the runtime path needs the run's steps and the expert split.
+        from engine.lora.stack_runtime import high_noise_steps_of
+
+        high_steps = high_noise_steps_of(pipe, spec.boundary_ratio, steps) if steps and spec.dual_expert else None
         report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
-                                  resolve=resolve)
+                                  resolve=resolve, steps=steps, high_steps=high_steps)
         on_event("loras", report)
         # Tracked here, not on the pipeline: TI2V's image pipeline shares its modules with the text one,
         # so the hooks belong to the modules, whichever pipeline object runs them.
@@ -177,6 +209,7 @@ class Generator:
         last = [time.perf_counter()]
 
         def on_step(p, i, t, kwargs):
+            self.loras.set_step(i + 1, r.steps)  # scheduled LoRA weights for the next step (issue 11)
             now = time.perf_counter()
             expert = SINGLE if not spec.dual_expert else (HIGH if float(t) >= boundary else LOW)
             from engine.preview import latents_to_frames
@@ -307,6 +340,17 @@ def _load_image(path: str, r: Resolved):
         raise RequestError(f"image {path} does not exist; pick an existing PNG or JPEG") from None
     except (UnidentifiedImageError, OSError) as e:
         raise RequestError(f"image {path} could not be read ({e}); use a PNG or JPEG") from None
+
+
+def _transformer_config(model_path) -> dict | None:
+    """The transformer's config.json of a diffusers folder (None for other layouts or when unreadable)."""
+    import json
+
+    path = Path(model_path) / "transformer" / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _default_out(outputs_dir, seed: int) -> Path:
