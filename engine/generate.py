@@ -139,7 +139,7 @@ class Generator:
             run_pipe = self._pipe_for(pipe, spec, image)
             state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event, steps=r.steps)
             state["plan"] = current_plan
-            speed.apply(list(self.experts(run_pipe, spec).values()), current_plan, on_event)
+            speed.apply(list(self.experts(run_pipe, spec).values()), current_plan, on_event, state["loras"])
             return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video, speed)
 
         on_event("status", f"loading {info.id}")

@@ -68,6 +68,6 @@ def apply_speed(transformers: list, plan: SpeedPlan, device) -> dict:
     Returns the applied state for the run report; `attention` differs from the plan only after a fallback.
     """
     attention = apply_attention(transformers, plan.attention.requested, device)
-    compiled_now = compile_experts(transformers, plan.compile)
-    return {"attention": attention.to_dict(), "compile": {**plan.compile.to_dict(), "compiled_now": compiled_now},
+    changes = compile_experts(transformers, plan.compile)
+    return {"attention": attention.to_dict(), "compile": {**plan.compile.to_dict(), "changes": changes},
             "cache": plan.cache.to_dict()}

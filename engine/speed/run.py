@@ -27,8 +27,7 @@ class RunSpeed:
     def for_request(cls, req, steps: int, settings, memory_plan) -> "RunSpeed":
         options = resolve_options(getattr(req, "speed", None), getattr(settings, "attention", "auto"),
                                   getattr(settings, "compile", "auto"))
-        runtime = any(getattr(e, "mode", None) == "runtime" or isinstance(getattr(e, "weight", None), (list, tuple))
-                      for e in req.stack.entries if e.enabled)
+        runtime = any(e.enabled and getattr(e, "scheduled", False) for e in req.stack.entries)
         run = cls(options, steps, getattr(settings, "compile_backend", "inductor"), runtime)
         run.replan(memory_plan)
         return run
@@ -39,12 +38,17 @@ class RunSpeed:
                                     runtime_loras=self.runtime_loras, compile_backend=self.compile_backend)
         return self.plan
 
-    def apply(self, transformers: list, memory_plan, on_event: Callable[[str, Any], None]) -> None:
+    def apply(self, transformers: list, memory_plan, on_event: Callable[[str, Any], None],
+              lora_report: list[dict] | None = None) -> None:
+        """After the stack is applied: a row the LoRA engine ran as `runtime` (a schedule, or a layer it could
+        not merge) means forward hooks inside the blocks, which compile must not run over."""
+        if any(row.get("mode") == "runtime" for row in lora_report or []):
+            self.runtime_loras = True
         self.replan(memory_plan)
         self.applied = apply_speed(transformers, self.plan, _device(memory_plan))
         if self.applied["attention"]["backend"] != self.plan.attention.backend:
             on_event("status", f"attention: {self.applied['attention']['reason']}")
-        if self.applied["compile"]["compiled_now"]:
+        if any("compiled with" in line for line in self.applied["compile"]["changes"]):
             on_event("status", "compiling the transformer blocks (first run of this model only)")
 
     @contextlib.contextmanager
