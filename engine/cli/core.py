@@ -48,6 +48,8 @@ def register(sub) -> None:
     add_speed_arguments(p)
     p.add_argument("--cache", default="off", help="step cache: off or first_block (needs 10+ steps)")
     p.add_argument("--cache-threshold", type=float, help="step cache threshold in (0, 1]; higher skips more (default 0.05)")
+    p.add_argument("--fp8-compute", action="store_true",
+                   help="fp8-stored experts multiply in fp8 on Ada/Hopper GPUs (faster, slightly less precise)")
     p.add_argument("--ignore-memory-plan", action="store_true",
                    help="run even when the memory plan says it cannot fit (refused otherwise)")
     p.add_argument("--out", required=True, help="the MP4 to write")
@@ -167,7 +169,7 @@ def cmd_generate(args):
         stack=Stack(tuple(entries)), offload=args.offload, skip_failing_loras=args.skip_failing_loras,
         ignore_memory_plan=args.ignore_memory_plan,
         speed=SpeedOptions(attention=args.attention, compile=args.compile, cache=args.cache,
-                           cache_threshold=args.cache_threshold),
+                           cache_threshold=args.cache_threshold, fp8_compute=args.fp8_compute),
     )
     changes: list[str] = []
     if preset is not None and preset.settings:

@@ -33,7 +33,7 @@ def resolve_options(options: SpeedOptions | None, default_attention: str = "auto
     return SpeedOptions(
         attention=default_attention if o.attention == "auto" else o.attention,
         compile=default_compile if o.compile == "auto" else o.compile,
-        cache=o.cache, cache_threshold=o.cache_threshold,
+        cache=o.cache, cache_threshold=o.cache_threshold, fp8_compute=o.fp8_compute,
     )
 
 

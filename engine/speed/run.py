@@ -46,6 +46,7 @@ class RunSpeed:
             self.runtime_loras = True
         self.replan(memory_plan)
         self.applied = apply_speed(transformers, self.plan, _device(memory_plan))
+        self.applied["fp8_compute"] = _fp8(transformers, self.options.fp8_compute, _device(memory_plan))
         if self.applied["attention"]["backend"] != self.plan.attention.backend:
             on_event("status", f"attention: {self.applied['attention']['reason']}")
         if any("compiled with" in line for line in self.applied["compile"]["changes"]):
@@ -66,6 +67,22 @@ class RunSpeed:
         if self.counter is not None:
             out["cache"] = {**out.get("cache", {}), **self.counter.to_dict()}
         return out
+
+
+def _fp8(transformers: list, wanted: bool, device) -> dict[str, Any]:
+    from engine.speed.attention import DeviceInfo
+    from engine.speed.fp8 import disable_fp8_compute, enable_fp8_compute, fp8_compute_problem, fp8_layers
+
+    if not wanted:
+        disable_fp8_compute(transformers)
+        return {"enabled": False, "reason": "off"}
+    layers = fp8_layers(transformers)
+    problem = fp8_compute_problem(DeviceInfo.capture(device)) or (None if layers else "the experts hold no fp8 layers")
+    if problem:
+        disable_fp8_compute(transformers)
+        return {"enabled": False, "reason": problem}
+    enable_fp8_compute(transformers)
+    return {"enabled": True, "layers": layers, "reason": f"{layers} fp8 layers multiply in fp8 (torch._scaled_mm)"}
 
 
 def _device(memory_plan):
