@@ -169,6 +169,9 @@ class Engine:
         out = plan.to_dict()
         if n_loras:
             out["lora_transient"] = memory.check_stack_transient(plan.workload, plan, snap).message
+        from engine.speed.run import RunSpeed  # attention, compile and step cache with their reasons
+
+        out["speed"] = RunSpeed.for_request(request, r.steps, self.settings, plan).plan.to_dict()
         return out
 
     # ---- generation ---------------------------------------------------------------------

@@ -59,3 +59,16 @@ def test_cached_run_reports_skips_and_leaves_the_model_clean(demo_model, demo_lo
 
     short = run(4, SpeedOptions(cache="first_block"))
     assert short.speed["cache"]["kind"] == "off" and "under 10" in short.speed["cache"]["note"]
+
+
+def test_the_engine_plan_shows_the_speed_plan(demo_model, tmp_path):
+    model = demo_model("wan2.1-t2v-1.3b")
+    engine = Engine(Settings(models_dir=model.parent, outputs_dir=tmp_path / "out", loras_dir=tmp_path,
+                             data_dir=tmp_path / "data", attention="sage"))
+    plan = engine.plan(GenerationRequest(model=model.name, prompt="x", steps=4,
+                                         speed=SpeedOptions(cache="first_block")))
+    speed = plan["speed"]
+    assert speed["attention"]["backend"] == "native" and speed["attention"]["requested"] == "sage"
+    assert "sage needs a CUDA GPU" in speed["attention"]["reason"]
+    assert not speed["compile"]["enabled"] and speed["cache"]["kind"] == "off"
+    assert len(speed["reasons"]) == 3
