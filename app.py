@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from engine.types import OFFLOAD_CHOICES
+
 log = logging.getLogger("wanstack")
 
 
@@ -23,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--presets-dir", default="presets")
     p.add_argument("--outputs-dir", default="outputs")
     p.add_argument("--data-dir", default="data", help="where the demo model is built when models/ has none")
-    p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
     p.add_argument("--lora-cap", action="append", default=[], metavar="TYPE=N",
                    help="most enabled LoRAs per expert for a model type, e.g. wan2.2-t2v-a14b=3 (repeatable)")
     p.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 'queue full'")

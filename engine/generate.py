@@ -11,23 +11,29 @@ from typing import Any, Callable
 
 from engine.catalog import HIGH, LOW, SINGLE, ModelSpec
 from engine.detect import ModelInfo
-from engine.request import Resolved, resolve_request
-from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, StepInfo
+from engine.port import (
+    EventCallback, Memory, MemoryView, PlanView, Retry, StackApplied, StackReport, Status, Step, ValidatedRequest,
+    VideoChunk,
+)
+from engine.port import Plan as PlanEvent
+from engine.request import Resolved
+from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, WanStackError
 
 log = logging.getLogger(__name__)
-EventCallback = Callable[[str, Any], None]
 
 
 class Generator:
-    """Owns the cached pipeline. One run at a time (the facade holds the lock)."""
+    """Owns the cached pipeline and the LoRA merge session that belongs to it. One run at a time (the
+    facade holds the lock). Runs only requests validated at the door (engine.port.ValidatedRequest)."""
 
-    def __init__(self, settings, loras):
+    def __init__(self, settings, library):
         self.settings = settings
-        self.loras = loras  # engine.lora.LoraManager
+        self.library = library  # engine.lora.library.LoraLibrary, shared with the facade (parsed-file cache)
         self._cancel = threading.Event()
         self._pipe = None
         self._pipe_key: tuple | None = None
         self._i2v_pipe = None  # TI2V with a start image: the same components in the I2V pipeline
+        self._session = None  # engine.lora.session.MergeSession of the loaded pipeline's experts
         self._device = None
         self._dtype = None
         self._offload: tuple | None = None  # (pipeline id, mode, vae_tiling, text_encoder_on_cpu, device) applied
@@ -37,8 +43,12 @@ class Generator:
         self._cancel.set()
 
     def release(self) -> None:
+        """Drop the pipeline and its merge session (which holds the experts' merge state)."""
         from engine.memory.recovery import release_memory
 
+        if self._session is not None:
+            self._session.close()
+        self._session = None
         self._pipe = self._i2v_pipe = None
         self._pipe_key = None
         self._offload = None
@@ -77,22 +87,32 @@ class Generator:
         return {SINGLE: pipe.transformer}
 
     # ---- one run ---------------------------------------------------------------------------
-    def run(self, info: ModelInfo, spec: ModelSpec, req: GenerationRequest, on_event: EventCallback,
-            out_path: str | Path | None = None, stream_video: bool = False) -> GenerationResult:
+    def run(self, checked: ValidatedRequest, emit: EventCallback, out_path: str | Path | None = None,
+            stream_video: bool = False) -> GenerationResult:
+        """Run a validated request. With no `out_path` the video goes to the outputs folder, and a failed or
+        stopped run leaves a record there (a settings JSON with its status) for the gallery."""
+        try:
+            return self._run(checked, emit, out_path, stream_video)
+        except (WanStackError, RuntimeError, OSError) as e:
+            if out_path is None:
+                stopped = isinstance(e, GenerationCancelled)
+                _write_failure(self.settings.outputs_dir, checked, "stopped" if stopped else "failed", str(e))
+            raise
+
+    def _run(self, checked: ValidatedRequest, emit: EventCallback, out_path, stream_video) -> GenerationResult:
         from engine import memory
         from engine.memory.recovery import release_memory
 
-        r = resolve_request(req, spec)
+        info, spec, req, r = checked.model, checked.spec, checked.request, checked.resolved
         image = _load_image(req.image, r) if req.image else None
-        n_loras = max((len(req.stack.enabled_for(e)) for e in spec.experts), default=0)
-        self.loras.check(spec, req.stack)
+        n_loras = checked.loras_per_expert
         snapshot = memory.snapshot()
         plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
                                choice=req.offload, reserve_bytes=req.vram_reserve_bytes or self.settings.vram_reserve_bytes,
                                dtype=None if snapshot.free_vram_bytes() is not None else "fp32")
         if n_loras:
             memory.require_stack_transient(plan.workload, plan, snapshot)
-        on_event("plan", plan.to_dict())
+        emit(PlanEvent(PlanView.from_plan(plan)))
         self._cancel.clear()
         started = time.perf_counter()
         notes: list[str] = []
@@ -100,19 +120,21 @@ class Generator:
 
         def on_retry(message: str) -> None:
             notes.append(message)
-            on_event("retry", message)
+            emit(Retry(message))
 
         def attempt(current_plan):
             pipe = self.load(info, spec)
             _set_shift(pipe, r.shift)
             run_pipe = self._pipe_for(pipe, spec, image)
-            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event)
+            if current_plan is not plan:  # a retry after an out-of-memory runs under a heavier plan
+                emit(PlanEvent(PlanView.from_plan(current_plan)))
+            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, emit)
             state["plan"] = current_plan
-            return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video)
+            return self._denoise_and_decode(run_pipe, spec, req, r, image, emit, stream_video)
 
-        on_event("status", f"loading {info.id}")
+        emit(Status(f"loading {info.id}"))
         try:
-            with memory.MemoryWatch(lambda sample: on_event("memory", sample.to_dict())) as watch:
+            with memory.MemoryWatch(lambda sample: emit(Memory(_memory_view(sample)))) as watch:
                 frames = memory.run_with_oom_recovery(
                     attempt, plan, on_retry, context=f"{r.width}x{r.height}, {r.frames} frames, {n_loras} LoRA(s)")
         finally:
@@ -143,7 +165,18 @@ class Generator:
             return self._i2v_pipe
         return pipe
 
-    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event) -> list[dict]:
+    def merge_session(self, pipe, spec: ModelSpec):
+        """The merge session of this pipeline's experts: made on first use, closed with the pipeline."""
+        from engine.lora.session import MergeSession
+
+        experts = self.experts(pipe, spec)
+        if self._session is None or not self._session.owns(experts):
+            if self._session is not None:
+                self._session.close()
+            self._session = MergeSession(self.library, experts)
+        return self._session
+
+    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, emit) -> list[dict]:
         """Merge the request's stack into the experts and put the pipeline into the plan's offload mode.
 
         The merge is exact under every offload mode (it also updates the pinned CPU copies that group
@@ -152,11 +185,11 @@ class Generator:
         from engine.memory.offload import apply_plan
 
         if req.stack.entries:
-            on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
+            emit(Status(f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)"))
         resolve = Path if self.settings.allow_lora_paths_outside else None
-        report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
-                                  resolve=resolve)
-        on_event("loras", report)
+        report = self.merge_session(pipe, spec).apply(spec, req.stack, skip_failing=req.skip_failing_loras,
+                                                      resolve=resolve)
+        emit(StackApplied(StackReport.from_rows(report, spec.experts)))
         # Tracked here, not on the pipeline: TI2V's image pipeline shares its modules with the text one,
         # so the hooks belong to the modules, whichever pipeline object runs them.
         wanted = (id(pipe), plan.mode.value, plan.vae_tiling, bool(plan.text_encoder_on_cpu), plan.device)
@@ -165,7 +198,19 @@ class Generator:
             self._offload = wanted
         return report
 
-    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video):
+    def step_end(self, step: int, total: int, expert: str, seconds: float, latents, emit: EventCallback) -> None:
+        """Per-step hook point: runs after every denoising step (before the next one starts).
+
+        Reports the step with a latent preview, then stops the run if the user asked. Per-step work
+        (runtime LoRA strengths, step caches) belongs here.
+        """
+        from engine.preview import latents_to_gif
+
+        emit(Step(step=step, total=total, seconds=round(seconds, 4), expert=expert, preview_gif=latents_to_gif(latents)))
+        if self._cancel.is_set():
+            raise GenerationCancelled(f"stopped after step {step} of {total}")
+
+    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, emit, stream_video):
         import torch
 
         boundary = (spec.boundary_ratio or 0) * pipe.scheduler.config.num_train_timesteps
@@ -174,14 +219,8 @@ class Generator:
         def on_step(p, i, t, kwargs):
             now = time.perf_counter()
             expert = SINGLE if not spec.dual_expert else (HIGH if float(t) >= boundary else LOW)
-            from engine.preview import latents_to_frames
-
-            preview = latents_to_frames(kwargs["latents"])
-            on_event("step", StepInfo(step=i + 1, total=r.steps, seconds=round(now - last[0], 4), expert=expert,
-                                      preview=preview))
-            last[0] = now
-            if self._cancel.is_set():
-                raise GenerationCancelled(f"stopped after step {i + 1} of {r.steps}")
+            self.step_end(i + 1, r.steps, expert, now - last[0], kwargs["latents"], emit)
+            last[0] = time.perf_counter()
             return {}
 
         args: dict[str, Any] = dict(
@@ -194,16 +233,16 @@ class Generator:
             args["guidance_scale_2"] = r.guidance_2
         if image is not None:
             args["image"] = image
-        on_event("status", "denoising")
+        emit(Status("denoising"))
         latents = pipe(**args).frames
         if self._cancel.is_set():
             raise GenerationCancelled(f"stopped after the last step of {r.steps}")
-        on_event("status", "decoding")
-        on_chunk = self._segment_writer(r.fps, on_event) if stream_video else None
+        emit(Status("decoding"))
+        on_chunk = self._segment_writer(r.fps, emit) if stream_video else None
         return decode(pipe, latents, on_chunk=on_chunk)
 
-    def _segment_writer(self, fps: int, on_event: EventCallback):
-        """Each decoded chunk becomes an MPEG-TS segment in outputs/.stream/, announced as "video_chunk"."""
+    def _segment_writer(self, fps: int, emit: EventCallback):
+        """Each decoded chunk becomes an MPEG-TS segment in outputs/.stream/, announced as a VideoChunk."""
         from engine.video import write_mp4
 
         folder = Path(self.settings.outputs_dir) / ".stream" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
@@ -212,9 +251,30 @@ class Generator:
         def on_chunk(frames: list) -> None:
             path = write_mp4(frames, folder / f"segment-{count[0]:04d}.ts", fps, container="mpegts")
             count[0] += 1
-            on_event("video_chunk", str(path))
+            emit(VideoChunk(str(path)))
 
         return on_chunk
+
+
+def _memory_view(sample) -> MemoryView:
+    """engine.memory.MemorySample -> the door's MemoryView."""
+    return MemoryView(vram_used_bytes=sample.vram_used_bytes, vram_total_bytes=sample.vram_total_bytes,
+                      ram_used_bytes=sample.ram_used_bytes, ram_total_bytes=sample.ram_total_bytes,
+                      peak_vram_bytes=sample.peak_vram_bytes, peak_ram_bytes=sample.peak_ram_bytes)
+
+
+def _write_failure(outputs_dir, checked: ValidatedRequest, status: str, message: str) -> None:
+    """A failed or stopped run's settings with its status, as outputs/<stamp>-<seed>.json (no video)."""
+    from engine.video import write_sidecar
+
+    r = checked.resolved
+    settings = _settings_json(checked.model, checked.spec, checked.request, r, None, checked.request.offload)
+    settings.update(status=status, message=message)
+    try:
+        Path(outputs_dir).mkdir(parents=True, exist_ok=True)
+        write_sidecar(_default_out(outputs_dir, r.seed), settings)
+    except OSError as e:  # the run's own error is what the user needs to see
+        log.warning("could not record the %s run in %s: %s", status, outputs_dir, e)
 
 
 def decode(pipe, latents, on_chunk: Callable[[list], None] | None = None) -> list:
@@ -317,12 +377,12 @@ def _settings_json(info, spec, req, r: Resolved, lora_report, offload_mode) -> d
         row = e.to_dict()
         if rep.get("sha256"):
             row["sha256"] = rep["sha256"]
-        row["status"] = rep.get("status", "applied")
+        row["status"] = rep.get("status", "applied" if lora_report else "not applied")
         stack.append(row)
     return {
         "app": "WanStack", "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model": info.id, "model_type": spec.type, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
         "image": Path(req.image).name if req.image else None, "seed": r.seed, "steps": r.steps,
         "width": r.width, "height": r.height, "frames": r.frames, "fps": r.fps, "guidance": r.guidance,
-        "guidance_2": r.guidance_2, "shift": r.shift, "offload": offload_mode, "stack": stack,
+        "guidance_2": r.guidance_2, "shift": r.shift, "offload": offload_mode, "stack": stack, "status": "done",
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.types import GenerationRequest, LoraEntry, RequestError, Stack, StepInfo
+from engine.types import OFFLOAD_CHOICES, GenerationRequest, LoraEntry, RequestError, Stack
 
 
 def register(sub) -> None:
@@ -40,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--guidance-2", type=float)
     p.add_argument("--shift", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
     p.add_argument("--out", required=True, help="the MP4 to write")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -96,7 +96,8 @@ def cmd_generate(args):
         from engine.presets import PresetStore
 
         preset = PresetStore(Path(args.presets_dir)).load(args.preset)
-        entries = [LoraEntry(**{**e.to_dict(), "file": str((loras_dir / e.file).resolve())}) for e in preset.stack.entries] + entries
+        entries = [LoraEntry.from_dict({**e, "file": str((loras_dir / e["file"]).resolve())})
+                   for e in preset.entries] + entries
     # CLI paths are the user's own: make them absolute so they do not depend on the LoRA folder.
     entries = [LoraEntry(**{**e.to_dict(), "file": str(Path(e.file).resolve())}) for e in entries]
     engine = Engine(Settings(models_dir=Path(args.model).parent, loras_dir=loras_dir,
@@ -109,11 +110,15 @@ def cmd_generate(args):
         stack=Stack(tuple(entries)), offload=args.offload, skip_failing_loras=args.skip_failing_loras,
     )
 
-    def on_event(kind, payload):
-        if kind == "step" and isinstance(payload, StepInfo):
-            print(f"step {payload.step}/{payload.total} ({payload.expert}) {payload.seconds:.2f}s", file=sys.stderr)
-        elif kind in ("status", "retry"):
-            print(payload, file=sys.stderr)
+    from engine.port import Retry, Status, Step
+
+    def on_event(event):
+        if isinstance(event, Step):
+            print(f"step {event.step}/{event.total} ({event.expert}) {event.seconds:.2f}s", file=sys.stderr)
+        elif isinstance(event, Status):
+            print(event.text, file=sys.stderr)
+        elif isinstance(event, Retry):
+            print(event.message, file=sys.stderr)
 
     result = engine.generate(req, on_event, out_path=args.out)
     if args.json:

@@ -1,6 +1,7 @@
 """`vram` and `plan` commands (memory governor)."""
 from __future__ import annotations
 
+from engine.dtypes import CAST_CHOICES
 from engine.types import OFFLOAD_CHOICES, RequestError
 
 
@@ -19,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--ram", metavar="SIZE", help="plan for this much available system RAM, e.g. 64GiB")
     p.add_argument("--reserve", metavar="SIZE", default="1GiB", help="VRAM kept free for other apps (default 1GiB)")
     p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype on the GPU")
+    p.add_argument("--dtype", default="bf16", choices=CAST_CHOICES, help="weights dtype on the GPU")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 

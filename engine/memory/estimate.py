@@ -38,9 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.catalog import ModelSpec
+from engine.dtypes import WEIGHT_BYTES
+from engine.types import OFFLOAD_MODES
 from engine.memory.units import MIB
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+DTYPE_BYTES = WEIGHT_BYTES  # engine/dtypes.py
 CUDA_CONTEXT_BYTES = 512 * MIB
 ALLOCATOR_SLACK = 1.15
 TEXT_ENCODE_WORK_BYTES = 256 * MIB  # UMT5 over <= 512 tokens: a few MB per layer, rounded up generously
@@ -52,7 +54,7 @@ UNTILED_OUTPUT_COPIES, TILED_OUTPUT_COPIES = 2, 4
 LORA_MERGE_BYTES_PER_PARAM = 14
 PROCESS_BASE_RAM_BYTES = 2048 * MIB  # Python, torch, diffusers and the tokenizer, before any weights
 
-MODES = ("none", "model", "group", "sequential")
+MODES = OFFLOAD_MODES
 
 
 @dataclass(frozen=True)

@@ -3,32 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from engine.memory.estimate import Estimate, Workload
 from engine.memory.snapshot import MemorySnapshot
 from engine.memory.units import GIB, gib
-from engine.types import OFFLOAD_CHOICES, RequestError
+from engine.types import OFFLOAD_CHOICES, OffloadMode, RequestError
 
 DEFAULT_RESERVE_BYTES = 1 * GIB  # left free for the desktop, the browser and other apps
-
-
-class OffloadMode(str, Enum):
-    NONE = "none"
-    MODEL = "model"
-    GROUP = "group"
-    SEQUENTIAL = "sequential"
-
-    @property
-    def label(self) -> str:
-        return {"none": "no offload", "model": "model offload", "group": "group offload",
-                "sequential": "sequential offload"}[self.value]
-
-    def heavier(self) -> "OffloadMode | None":
-        order = list(OffloadMode)
-        i = order.index(self)
-        return order[i + 1] if i + 1 < len(order) else None
 
 
 @dataclass(frozen=True)
