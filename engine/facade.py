@@ -33,6 +33,12 @@ class Settings:
     vram_reserve_bytes: int = 1 << 30
     # The CLI names LoRA files by the user's own paths; the UI and API only by paths inside loras_dir.
     allow_lora_paths_outside: bool = False
+    ignore_memory_plan: bool = False  # --ignore-memory-plan: run requests the memory plan says cannot fit
+    comfyui_dir: Path | None = None  # an existing ComfyUI models/ folder (--comfyui): its models are listed too
+    # Speed defaults for requests that say "auto" (engine/speed): app.py --attention / --compile.
+    attention: str = "auto"
+    compile: str = "auto"
+    compile_backend: str = "inductor"
 
 
 class Engine:
@@ -65,7 +71,7 @@ class Engine:
 
         with self._scan_lock:
             if self._models is None or refresh:
-                found = scan(self.settings.models_dir)
+                found = scan(self.settings.models_dir, self.settings.comfyui_dir)
                 demo_root = self.settings.data_dir / "demo-models"
                 if demo_root.is_dir():
                     found += scan(demo_root)
@@ -154,9 +160,15 @@ class Engine:
 
         info = self.find_model(model)
         self._check_files(self.spec(info.type), stack)
-        clean = (name or "").strip()
-        if not clean or clean in (".", "..") or "/" in clean or "\\" in clean:
-            raise RequestError(f"new model name {name!r} must be a plain folder name, e.g. my-model-merged")
+        clean = (name or "").strip() if isinstance(name, str) else ""
+        if (not clean or clean in (".", "..") or "/" in clean or "\\" in clean or clean.startswith(".")
+                or len(clean) > 100 or any(ord(c) < 32 or ord(c) == 127 for c in clean)):
+            raise RequestError(f"new model name {str(name)[:100]!r} must be a plain folder name of at most 100 "
+                               "characters (letters, digits, '-', '_'), e.g. my-model-merged")
+        taken = {m.id for m in self.model_infos(refresh=True)}
+        if clean in taken or (self.settings.models_dir / clean).exists():
+            raise RequestError(f"new model name {clean!r} is already a model here; pick another name so it does "
+                               "not shadow the existing one")
         report = merge_model(info.path, stack, self.settings.models_dir / clean, dtype=dtype,
                              lora_caps=self.settings.lora_caps, resolve=self.library.path_of, progress=on_progress)
         self.model_infos(refresh=True)  # the new model is listed from now on
@@ -290,11 +302,12 @@ class Engine:
     def validate(self, request: GenerationRequest) -> ValidatedRequest:
         """The one check at the door: the model is listed and usable, every setting in range (defaults
         filled in, a random seed drawn), every LoRA in the folder and fitting the model, the cap held."""
-        from engine.request import resolve_request
+        from engine.request import check_model_limits, resolve_request
 
         info = self.find_model(request.model)
         spec = self.spec(info.type)
         resolved = resolve_request(request, spec)
+        check_model_limits(resolved, spec, _transformer_config(info.path))
         if not self.settings.allow_lora_paths_outside:
             warnings = self._check_files(spec, request.stack)
         else:
@@ -339,9 +352,26 @@ class Engine:
         if self._generator is not None:
             self._generator.release()
 
+    def streaming_problem(self) -> str | None:
+        """Why the page cannot stream the video while it decodes (ffmpeg/ffprobe missing), or None."""
+        from engine.video import streaming_unavailable
+
+        return streaming_unavailable()
+
     # ---- outputs ---------------------------------------------------------------------------
     def outputs(self, limit: int = 60) -> list[OutputView]:
         """Past runs in the outputs folder, newest first: videos with thumbnails, failed and stopped runs."""
         from engine.outputs import list_outputs
 
         return list_outputs(self.settings.outputs_dir, limit)
+
+
+def _transformer_config(model_path) -> dict | None:
+    """The transformer's config.json of a diffusers folder (None for other layouts or when unreadable)."""
+    import json
+
+    path = Path(model_path) / "transformer" / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

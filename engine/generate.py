@@ -2,6 +2,7 @@
 per-step reports and previews, decode (streaming chunks if asked), and write the MP4 atomically."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from engine.port import (
     VideoChunk,
 )
 from engine.port import Plan as PlanEvent
-from engine.request import Resolved
+from engine.request import Resolved, refuse_unfit
 from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, WanStackError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Generator:
         self._pipe_key: tuple | None = None
         self._i2v_pipe = None  # TI2V with a start image: the same components in the I2V pipeline
         self._session = None  # engine.lora.session.MergeSession of the loaded pipeline's experts
+        self._w0_sources: dict[str, Any] = {}  # component -> WeightSource its LoRA W0 is re-read from (single files)
         self._device = None
         self._dtype = None
         self._offload: tuple | None = None  # (pipeline id, mode, vae_tiling, text_encoder_on_cpu, device) applied
@@ -49,6 +51,7 @@ class Generator:
         if self._session is not None:
             self._session.close()
         self._session = None
+        self._w0_sources = {}
         self._pipe = self._i2v_pipe = None
         self._pipe_key = None
         self._offload = None
@@ -67,6 +70,16 @@ class Generator:
         self.release()
         _quiet_loading()
         self._device, self._dtype = pick_device()
+        if info.source != "diffusers":  # a recipe or a model assembled from --comfyui: single files
+            from engine.models.load import build_pipeline
+
+            loaded = build_pipeline(info, self._dtype)
+            pipe = loaded.pipe
+            # LoRA W0 is re-read from the single file, not copied (handed to the pipeline's merge session)
+            self._w0_sources = dict(loaded.sources)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe, self._pipe_key = pipe, key
+            return pipe
         # The Wan docs load the VAE in fp32 and the rest in bf16; on CPU everything is fp32.
         parts = {"vae": AutoencoderKLWan.from_pretrained(info.path, subfolder="vae", **_dtype_kw(torch.float32))}
         if (Path(info.path) / "image_encoder").is_dir():  # Wan2.1 I2V: the docs keep the CLIP encoder in fp32 too
@@ -75,6 +88,11 @@ class Generator:
             parts["image_encoder"] = CLIPVisionModel.from_pretrained(
                 info.path, subfolder="image_encoder", dtype=torch.float32)
         pipe = DiffusionPipeline.from_pretrained(info.path, **parts, **_dtype_kw(self._dtype))
+        from engine.models.load import own_aligned
+
+        for name in ("transformer", "transformer_2", "text_encoder", "vae", "image_encoder"):
+            if getattr(pipe, name, None) is not None:
+                own_aligned(getattr(pipe, name))  # same memory layout as single-file loads: same frames
         pipe.set_progress_bar_config(disable=True)
         self._pipe, self._pipe_key = pipe, key
         return pipe
@@ -104,18 +122,32 @@ class Generator:
         from engine.memory.recovery import release_memory
 
         info, spec, req, r = checked.model, checked.spec, checked.request, checked.resolved
-        image = _load_image(req.image, r) if req.image else None
         n_loras = checked.loras_per_expert
-        snapshot = memory.snapshot()
+        snapshot = memory.snapshot()  # the memory plan is made against the memory of now, so here, not at the door
+        reserve = req.vram_reserve_bytes or self.settings.vram_reserve_bytes
+        dtype = None if snapshot.free_vram_bytes() is not None else "fp32"
         plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
-                               choice=req.offload, reserve_bytes=req.vram_reserve_bytes or self.settings.vram_reserve_bytes,
-                               dtype=None if snapshot.free_vram_bytes() is not None else "fp32")
+                               choice=req.offload, reserve_bytes=reserve, dtype=dtype, storage=info.storage or None)
+        if not (req.ignore_memory_plan or getattr(self.settings, "ignore_memory_plan", False)):
+            refuse_unfit(plan, spec, r, n_loras, snapshot, req.offload, reserve, dtype, storage=info.storage or None)
+        image = _load_image(req.image, r) if req.image else None
         if n_loras:
             memory.require_stack_transient(plan.workload, plan, snapshot)
-        emit(PlanEvent(PlanView.from_plan(plan)))
+        from engine.speed.run import RunSpeed
+
+        speed = RunSpeed.for_request(req, r.steps, self.settings, plan)
+        emit(PlanEvent(PlanView.from_plan(plan, speed=speed.plan.to_dict())))
         self._cancel.clear()
         started = time.perf_counter()
         notes: list[str] = []
+        if stream_video:
+            from engine.video import streaming_unavailable
+
+            why = streaming_unavailable()
+            if why:  # the player would fail on every segment; the finished MP4 is shown instead
+                stream_video = False
+                notes.append(why)
+                emit(Status(why))
         state: dict[str, Any] = {}
 
         def on_retry(message: str) -> None:
@@ -127,10 +159,12 @@ class Generator:
             _set_shift(pipe, r.shift)
             run_pipe = self._pipe_for(pipe, spec, image)
             if current_plan is not plan:  # a retry after an out-of-memory runs under a heavier plan
-                emit(PlanEvent(PlanView.from_plan(current_plan)))
-            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, emit)
+                emit(PlanEvent(PlanView.from_plan(current_plan, speed=speed.plan.to_dict())))
+            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, emit, steps=r.steps)
             state["plan"] = current_plan
-            return self._denoise_and_decode(run_pipe, spec, req, r, image, emit, stream_video)
+            speed.apply(list(self.experts(run_pipe, spec).values()), current_plan,
+                        lambda _kind, text: emit(Status(str(text))))
+            return self._denoise_and_decode(run_pipe, spec, req, r, image, emit, stream_video, speed)
 
         emit(Status(f"loading {info.id}"))
         try:
@@ -152,7 +186,7 @@ class Generator:
             path=str(path), seed=r.seed, frames=len(frames), width=frames[0].shape[1], height=frames[0].shape[0],
             fps=r.fps, seconds=round(seconds, 3), offload=final_plan.mode.value, loras=lora_report,
             model_type=spec.type, steps=r.steps, notes=notes, settings=settings, plan=final_plan.to_dict(),
-            peak_vram_bytes=watch.peak_vram_bytes, peak_ram_bytes=watch.peak_ram_bytes,
+            peak_vram_bytes=watch.peak_vram_bytes, peak_ram_bytes=watch.peak_ram_bytes, speed=speed.report(),
         )
 
     def _pipe_for(self, pipe, spec: ModelSpec, image):
@@ -169,14 +203,19 @@ class Generator:
         """The merge session of this pipeline's experts: made on first use, closed with the pipeline."""
         from engine.lora.session import MergeSession
 
+        from engine.catalog import EXPERT_COMPONENT
+
         experts = self.experts(pipe, spec)
         if self._session is None or not self._session.owns(experts):
             if self._session is not None:
                 self._session.close()
-            self._session = MergeSession(self.library, experts)
+            sources = {e: self._w0_sources[EXPERT_COMPONENT[e]] for e in experts
+                       if EXPERT_COMPONENT[e] in self._w0_sources}
+            self._session = MergeSession(self.library, experts, w0_sources=sources)
         return self._session
 
-    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, emit) -> list[dict]:
+    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, emit,
+                              steps: int | None = None) -> list[dict]:
         """Merge the request's stack into the experts and put the pipeline into the plan's offload mode.
 
         The merge is exact under every offload mode (it also updates the pinned CPU copies that group
@@ -187,8 +226,12 @@ class Generator:
         if req.stack.entries:
             emit(Status(f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)"))
         resolve = Path if self.settings.allow_lora_paths_outside else None
+        # Scheduled weights (issue 11): the runtime path needs the run's steps and the expert split.
+        from engine.lora.stack_runtime import high_noise_steps_of
+
+        high_steps = high_noise_steps_of(pipe, spec.boundary_ratio, steps) if steps and spec.dual_expert else None
         report = self.merge_session(pipe, spec).apply(spec, req.stack, skip_failing=req.skip_failing_loras,
-                                                      resolve=resolve)
+                                                      resolve=resolve, steps=steps, high_steps=high_steps)
         emit(StackApplied(StackReport.from_rows(report, spec.experts)))
         # Tracked here, not on the pipeline: TI2V's image pipeline shares its modules with the text one,
         # so the hooks belong to the modules, whichever pipeline object runs them.
@@ -198,19 +241,24 @@ class Generator:
             self._offload = wanted
         return report
 
-    def step_end(self, step: int, total: int, expert: str, seconds: float, latents, emit: EventCallback) -> None:
+    def step_end(self, step: int, total: int, expert: str, seconds: float, latents, emit: EventCallback,
+                 speed=None) -> None:
         """Per-step hook point: runs after every denoising step (before the next one starts).
 
-        Reports the step with a latent preview, then stops the run if the user asked. Per-step work
-        (runtime LoRA strengths, step caches) belongs here.
+        Sets the scheduled LoRA strengths for the next step, closes the step for the speed tools, reports
+        the step with a latent preview, then stops the run if the user asked. Per-step work goes here.
         """
         from engine.preview import latents_to_gif
 
+        if self._session is not None:
+            self._session.set_step(step, total)  # scheduled LoRA weights for the next step (issue 11)
+        if speed is not None:
+            speed.end_step()
         emit(Step(step=step, total=total, seconds=round(seconds, 4), expert=expert, preview_gif=latents_to_gif(latents)))
         if self._cancel.is_set():
             raise GenerationCancelled(f"stopped after step {step} of {total}")
 
-    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, emit, stream_video):
+    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, emit, stream_video, speed=None):
         import torch
 
         boundary = (spec.boundary_ratio or 0) * pipe.scheduler.config.num_train_timesteps
@@ -219,7 +267,7 @@ class Generator:
         def on_step(p, i, t, kwargs):
             now = time.perf_counter()
             expert = SINGLE if not spec.dual_expert else (HIGH if float(t) >= boundary else LOW)
-            self.step_end(i + 1, r.steps, expert, now - last[0], kwargs["latents"], emit)
+            self.step_end(i + 1, r.steps, expert, now - last[0], kwargs["latents"], emit, speed)
             last[0] = time.perf_counter()
             return {}
 
@@ -234,7 +282,8 @@ class Generator:
         if image is not None:
             args["image"] = image
         emit(Status("denoising"))
-        latents = pipe(**args).frames
+        with speed.caching(list(self.experts(pipe, spec).values())) if speed else contextlib.nullcontext():
+            latents = pipe(**args).frames
         if self._cancel.is_set():
             raise GenerationCancelled(f"stopped after the last step of {r.steps}")
         emit(Status("decoding"))

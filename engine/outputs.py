@@ -45,11 +45,7 @@ def _view(stem: str, parts: dict[str, Path], root: Path) -> OutputView:
     thumb = _thumbnail(video, root) if video is not None else _placeholder(root, status)
     prompt = str(settings.get("prompt") or "")
     created = str(settings.get("created") or "")
-    bits = [status if status != "done" else "", prompt[:60] + ("…" if len(prompt) > 60 else "")]
-    if settings.get("seed") is not None:
-        bits.append(f"seed {settings['seed']}")
-    if settings.get("model"):
-        bits.append(str(settings["model"]))
+    bits = [status.upper() if status != "done" else "", prompt[:40] + ("…" if len(prompt) > 40 else "")]
     caption = " · ".join(b for b in bits if b) or stem
     return OutputView(id=stem, status=status, video=str(video) if video else None, thumbnail=thumb,
                       created=created, caption=caption, message=str(settings.get("message") or ""), settings=settings)

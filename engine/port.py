@@ -163,13 +163,15 @@ class PlanView:
     estimate_bytes: dict[str, int] = field(default_factory=dict)
     reasons: tuple[str, ...] = ()
     device: str = "cpu"
+    speed: dict[str, Any] = field(default_factory=dict)  # attention backend, compile, step cache (engine/speed)
 
     @classmethod
-    def from_plan(cls, plan) -> "PlanView":
-        """From an engine.memory.OffloadPlan."""
+    def from_plan(cls, plan, speed: dict[str, Any] | None = None) -> "PlanView":
+        """From an engine.memory.OffloadPlan (and the run's speed plan)."""
         est = {k: v for k, v in dict(plan.estimate_bytes).items() if isinstance(v, int)}
         return cls(mode=plan.mode.value, vae_tiling=plan.vae_tiling, fits=plan.fits, label=plan.label,
-                   peak_bytes=est.get("peak"), estimate_bytes=est, reasons=tuple(plan.reasons), device=plan.device)
+                   peak_bytes=est.get("peak"), estimate_bytes=est, reasons=tuple(plan.reasons), device=plan.device,
+                   speed=dict(speed or {}))
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,7 @@ class EnginePort(Protocol):
     def release(self) -> None: ...
     def outputs(self, limit: int = 60) -> list[OutputView]: ...
     def vram(self) -> MemoryView: ...
+    def streaming_problem(self) -> str | None: ...
 
     # settings the page shows
     @property

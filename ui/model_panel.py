@@ -71,9 +71,12 @@ class ModelPanel:
         with gr.Row(equal_height=True):
             self.duration = gr.Markdown(self.duration_text(d("frames", 81), d("fps", 16)), elem_id="duration",
                                         elem_classes="small-note")
-            self.stream_video = gr.Checkbox(not (spec and spec.demo), label="Stream video while decoding",
+            # Gradio's streaming player runs ffmpeg and ffprobe from PATH: without them, the box is off with the reason
+            no_stream = self.ctx.engine.streaming_problem()
+            self.stream_video = gr.Checkbox(not (spec and spec.demo) and not no_stream, label="Stream video while decoding",
                                             container=False, elem_id="stream-toggle",
-                                            info="show the video as the VAE decodes it (costs a little time)")
+                                            info=no_stream or "show the video as the VAE decodes it (costs a little time)",
+                                            interactive=no_stream is None)
 
     def note(self, model_id: str | None) -> str:
         if not model_id:
@@ -122,7 +125,7 @@ class ModelPanel:
             self.duration_text(spec.frames, spec.fps),
             # Each streamed segment costs an ffmpeg mux in Gradio (~0.3 s here): worth it when decoding takes
             # tens of seconds (real models), not for the demo's one-second decode.
-            gr.update(value=not spec.demo),
+            gr.update(value=not spec.demo and self.ctx.engine.streaming_problem() is None),
         ]
 
     @staticmethod

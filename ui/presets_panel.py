@@ -30,12 +30,11 @@ class PresetsPanel:
 
     def build(self):
         with gr.Row(equal_height=True, elem_id="preset-bar"):
-            self.preset = gr.Dropdown(self.choices(), value=None, label="Named stack", container=False,
-                                      show_label=False, scale=3, min_width=160, elem_id="preset-picker",
-                                      info="saved LoRA stacks")
+            self.preset = gr.Dropdown(self.choices(), value=None, label="Saved stacks", scale=3, min_width=160,
+                                      elem_id="preset-picker")
             self.load = gr.Button("Load stack", size="sm", scale=0, min_width=90, elem_id="preset-load")
-            self.name = gr.Textbox(label="Save as", show_label=False, container=False, scale=2, min_width=130,
-                                   placeholder="name to save the stack as", elem_id="preset-name")
+            self.name = gr.Textbox(label="Save the stack as", scale=2, min_width=130,
+                                   placeholder="e.g. Fast anime", elem_id="preset-name")
             self.save = gr.Button("Save stack", size="sm", scale=0, min_width=90, variant="primary",
                                   elem_id="preset-save")
         with gr.Accordion("More: rename, duplicate, delete, export, import", open=False, elem_id="preset-more"):

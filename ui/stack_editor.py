@@ -52,8 +52,8 @@ class StackEditor:
         note = self.render([], spec)[3] if spec else ""
         with gr.Group(elem_id="stack-editor"):
             with gr.Row(elem_classes="stack-head"):
-                gr.Markdown("**LoRA stack** · merged into the weights, in this order; weight from -2 to 2 on the "
-                            "slider, -10 to 10 typed", elem_classes="stack-title")
+                gr.Markdown("**LoRA stack** · merged into the weights in this order (slider -2…2, type up to ±10)",
+                            elem_classes="stack-title")
                 self.cap = gr.Markdown(cap, elem_id="cap-indicator", elem_classes="cap")
             for i in range(self.ctx.max_rows):
                 self.rows.append(self._build_row(i))

@@ -61,7 +61,7 @@ def merge_model(
 
     library = LoraLibrary(Path.cwd(), allow_pickle=allow_pickle)
     shapes = {e: model_param_shapes(src / EXPERT_COMPONENT[e]) for e in spec.experts}
-    plan = plan_stack(library, spec, stack, shapes, skip_failing=skip_failing, resolve=resolve)
+    plan = plan_stack(library, spec, stack, shapes, skip_failing=skip_failing, resolve=resolve, allow_schedules=False)
     desired, results = plan.desired, plan.rows
     expert_of = {EXPERT_COMPONENT[e]: e for e in spec.experts}
     touched = {EXPERT_COMPONENT[e] for e, params in desired.items()

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from engine.catalog import EXPERT_COMPONENT, ModelSpec
 from engine.lora.errors import LoraFormatError, LoraIncompatibleError
-from engine.lora.files import PICKLE_SUFFIXES, file_sha256, read_lora_file, read_lora_shapes
+from engine.lora.files import PICKLE_SUFFIXES, check_regular, file_sha256, read_lora_file, read_lora_shapes
 from engine.lora.formats import LOW, MAIN, ParsedLora, parse_lora
 from engine.lora.inspection import (
     Coverage, check_family, coverage, describe, file_coverage, lora_width, width_of_shapes,
@@ -18,6 +18,7 @@ from engine.types import RequestError
 log = logging.getLogger(__name__)
 
 Resolver = Callable[[str], Path]
+LIST_HASH_MAX_BYTES = 4 << 30  # the listing never reads more of one file; larger ones are hashed when used
 
 
 def slot_for(parsed: ParsedLora, expert: str) -> str:
@@ -54,14 +55,18 @@ class LoraLibrary:
             raise RequestError(f"LoRA file {file} points outside the LoRA folder {self.loras_dir}; use a path inside it")
         return full
 
-    def sha256_of(self, path: Path) -> str:
-        """sha256 of a file, cached by (path, size, mtime) so an unchanged file is hashed once."""
-        st = path.stat()
+    def sha256_of(self, path: Path, max_bytes: int | None = None) -> str | None:
+        """sha256 of a file, cached by (path, size, mtime) so an unchanged file is hashed once.
+
+        With `max_bytes` (listing), a larger file is not read and gives None; it is hashed when used.
+        """
+        st = check_regular(path)
         key = (str(path), st.st_size, st.st_mtime_ns)
         sha = self._sha_by_stat.get(key)
         if sha is None:
-            sha = file_sha256(path)
-            self._sha_by_stat[key] = sha
+            sha = file_sha256(path, max_bytes)
+            if sha is not None:
+                self._sha_by_stat[key] = sha
         return sha
 
     def load(self, path: str | Path) -> ParsedLora:
@@ -149,21 +154,31 @@ class LoraLibrary:
         rows: list[dict[str, Any]] = []
         if not self.loras_dir.is_dir():
             return rows
+        root = self.loras_dir.resolve()
         for path in sorted(self.loras_dir.rglob("*.safetensors")):
             rel = path.relative_to(self.loras_dir).as_posix()
             row: dict[str, Any] = {"file": rel}
             try:
-                sha = self.sha256_of(path)
-                info = self._describe.get(sha)
+                check_regular(path)
+                if not path.resolve().is_relative_to(root):
+                    raise LoraFormatError(f"{rel} is a link to a file outside the LoRA folder; copy the file in instead")
+                sha = self.sha256_of(path, max_bytes=LIST_HASH_MAX_BYTES)
+                st = path.stat()
+                cache_key = sha or f"unhashed:{path}:{st.st_size}:{st.st_mtime_ns}"
+                info = self._describe.get(cache_key)
                 if info is None:
-                    parsed = parse_lora(read_lora_shapes(path, sha256=sha))
+                    parsed = parse_lora(read_lora_shapes(path, sha256=sha or ""))
                     info = describe(parsed, path.name)
                     info["_width"] = lora_width(parsed)
-                    self._describe[sha] = info
-                row.update({k: v for k, v in info.items() if not k.startswith("_")}, file=rel, ok=True)
+                    self._describe[cache_key] = info
+                row.update({k: v for k, v in info.items() if not k.startswith("_")}, file=rel, ok=True,
+                           sha256=sha)
                 row["compatible"], row["reason"] = self._list_compat(info, spec)
             except (LoraFormatError, LoraIncompatibleError, OSError) as e:
                 row.update(ok=False, compatible=False, reason=str(e))
+            except Exception as e:  # noqa: BLE001 - one odd file must never break the listing of the others
+                log.exception("reading %s for the LoRA list failed", rel)
+                row.update(ok=False, compatible=False, reason=f"{rel} could not be read ({type(e).__name__}: {e})")
             rows.append(row)
         return rows
 

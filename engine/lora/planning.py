@@ -15,6 +15,7 @@ from engine.lora.formats import ParsedLora
 from engine.lora.inspection import Coverage, check_family, coverage, expert_hint, file_coverage, width_of_shapes
 from engine.lora.library import LoraLibrary, Resolver, slot_for
 from engine.lora.merge import Contribution
+from engine.lora.schedule import constant_value, format_weight, is_constant, strength_for_expert
 from engine.types import LoraEntry, RequestError, Stack
 
 EXPERT_LABEL = {"high_noise": "high-noise expert", "low_noise": "low-noise expert", "single": "model"}
@@ -45,7 +46,7 @@ def check_stack(spec: ModelSpec, stack: Stack) -> list[str]:
             if e.enabled and e.applies_to in ("high_noise", "low_noise"):
                 warnings.append(f"{e.file} is set to {e.applies_to}, but {spec.label} has one expert; it acts on that expert")
             if e.enabled and e.low_noise_weight is not None:
-                warnings.append(f"{e.file}: low_noise_weight is ignored on {spec.label} (one expert); weight {e.weight:g} is used")
+                warnings.append(f"{e.file}: low_noise_weight is ignored on {spec.label} (one expert); weight {format_weight(e.weight)} is used")
     return warnings
 
 
@@ -64,16 +65,32 @@ def stack_hashes(library: LoraLibrary, stack: Stack, *, skip_failing: bool = Fal
     return _resolve_files(library, stack, skip_failing, resolve)[1]
 
 
+def stack_scheduled(stack: Stack) -> bool:
+    return any(e.enabled and e.scheduled for e in stack.entries)
+
+
 def plan_stack(library: LoraLibrary, spec: ModelSpec, stack: Stack, shapes: dict[str, dict[str, tuple[int, ...]]],
-               *, skip_failing: bool = False, resolve: Resolver | None = None) -> StackPlan:
-    """Plan `stack` for experts of these parameter shapes (e.g. merge.model_param_shapes of a folder)."""
+               *, skip_failing: bool = False, resolve: Resolver | None = None, high_steps: int | None = None,
+               allow_schedules: bool = True) -> StackPlan:
+    """Plan `stack` for experts of these parameter shapes (e.g. merge.model_param_shapes of a folder).
+
+    A constant weight is merged; a schedule gives contributions with a per-step strength function
+    (runtime path); `high_steps` (how many steps the high-noise expert takes) places phase schedules.
+    `allow_schedules=False` (baking a model) refuses scheduled entries.
+    """
     bad = [e for e in shapes if e not in spec.experts]
     if bad:
         raise RequestError(f"experts {bad} are not experts of {spec.type} ({', '.join(spec.experts)})")
     global_warnings = check_stack(spec, stack)
     paths, hashes, rows = _resolve_files(library, stack, skip_failing, resolve)
+    if not allow_schedules:
+        scheduled = [e.file for e in stack.entries if e.enabled and e.scheduled]
+        if scheduled:
+            raise RequestError(
+                f"{scheduled[0]} has a weight schedule; a baked model holds one fixed weight per LoRA, "
+                "so give it a single number here (schedules apply at generation time)")
     library.pin_more(set(hashes.values()))  # the files being planned stay cached while the others load
-    desired = _desired(library, spec, stack, shapes, paths, rows, skip_failing)
+    desired = _desired(library, spec, stack, shapes, paths, rows, skip_failing, high_steps)
     for row in rows:
         row["warnings"] = _warnings_for(row["file"], global_warnings) + row["warnings"]
     return StackPlan(desired, rows, hashes)
@@ -109,7 +126,8 @@ def _resolve_files(library: LoraLibrary, stack: Stack, skip_failing: bool, resol
 
 
 def _desired(library: LoraLibrary, spec: ModelSpec, stack: Stack, shapes: dict[str, dict], paths: dict[int, Path],
-             rows: list[dict[str, Any]], skip_failing: bool) -> dict[str, dict[str, list[Contribution]]]:
+             rows: list[dict[str, Any]], skip_failing: bool,
+             high_steps: int | None = None) -> dict[str, dict[str, list[Contribution]]]:
     """Contributions per expert and parameter, in stack order; fills coverage into `rows`."""
     model_width = width_of_shapes(next(iter(shapes.values()))) if shapes else None
     desired: dict[str, dict[str, list[Contribution]]] = {name: {} for name in shapes}
@@ -120,7 +138,7 @@ def _desired(library: LoraLibrary, spec: ModelSpec, stack: Stack, shapes: dict[s
         try:
             parsed = library.load(paths[i])
             check_family(parsed, model_width, spec.label, entry.file)
-            plan = _plan_entry(i, entry, parsed, spec, shapes, row)
+            plan = _plan_entry(i, entry, parsed, spec, shapes, row, high_steps)
         except (LoraFormatError, LoraIncompatibleError) as e:
             if not skip_failing:
                 raise
@@ -133,14 +151,19 @@ def _desired(library: LoraLibrary, spec: ModelSpec, stack: Stack, shapes: dict[s
 
 
 def _plan_entry(i: int, entry: LoraEntry, parsed: ParsedLora, spec: ModelSpec, shapes: dict[str, dict],
-                row: dict[str, Any]) -> dict[str, list[Contribution]]:
-    """Coverage per expert and the contributions this entry adds; raises when nothing of it fits."""
+                row: dict[str, Any], high_steps: int | None = None) -> dict[str, list[Contribution]]:
+    """Coverage per expert and the contributions this entry adds; raises when nothing of it fits.
+
+    A constant weight (a number or a list of equal values) is merged; a schedule gives contributions
+    with a per-step strength function (runtime path)."""
     per: dict[str, Coverage] = {}
     plan: dict[str, list[Contribution]] = {}
     used_slots: set[str] = set()
     acting_applied = 0
+    modes: dict[str, str] = {}
     for expert in shapes:
-        w = entry.weight_for(expert)
+        sched = entry.schedule_for(expert)
+        w = constant_value(sched) if is_constant(sched) else list(sched)
         row["weights"][expert] = w
         slot = slot_for(parsed, expert)
         if entry.applies_to not in ("both", expert) and expert != "single":
@@ -148,9 +171,16 @@ def _plan_entry(i: int, entry: LoraEntry, parsed: ParsedLora, spec: ModelSpec, s
         cov = coverage(parsed, slot, shapes[expert])
         per[expert] = cov
         used_slots.add(slot)
-        if w != 0.0:
+        if not is_constant(sched):
+            whole_run = not spec.dual_expert or (entry.applies_to == "both" and entry.low_noise_weight is None)
+            fn = strength_for_expert(sched, whole_run, expert, high_steps)
+            acting_applied += len(cov.applied_keys)
+            plan[expert] = [Contribution((parsed.sha256, slot, tuple(sched), i), p, 1.0, fn) for p in cov.patches]
+            modes[expert] = "runtime"
+        elif w != 0.0:
             acting_applied += len(cov.applied_keys)
             plan[expert] = [Contribution((parsed.sha256, slot, w, i), p, w) for p in cov.patches]
+            modes[expert] = "merged"
     hint = expert_hint(entry.file)
     if spec.dual_expert and hint and not parsed.two_expert and entry.applies_to not in (hint,):
         row["warnings"].append(f"{entry.file}: the file name suggests {hint}, but the entry applies to {entry.applies_to}")
@@ -169,6 +199,9 @@ def _plan_entry(i: int, entry: LoraEntry, parsed: ParsedLora, spec: ModelSpec, s
             "it is not a LoRA for this model"
         )
     row["status"] = "applied" if plan else "skipped"
+    if plan:
+        row["mode"] = "runtime" if "runtime" in modes.values() else "merged"
+        row["mode_by_expert"] = modes
     if not plan:
         row["reason"] = "weight 0 on every expert it acts on" if per else "acts on no expert of this model"
     return plan

@@ -168,7 +168,10 @@ def rewrite_model(
     changed: dict[str, int] = {}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    from engine.fileio import temp_name_for
+
+    tmp = temp_name_for(out_dir)  # made with the user's umask (mkdtemp would make it 0700)
+    tmp.mkdir()
     try:
         for item in sorted(model_dir.iterdir()):
             if item.name in rewrite:

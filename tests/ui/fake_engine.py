@@ -148,3 +148,6 @@ class FakeEngine:
 
     def vram(self) -> MemoryView:
         return MemoryView(reason="no GPU in tests")
+
+    def streaming_problem(self) -> str | None:
+        return None
