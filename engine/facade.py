@@ -129,8 +129,8 @@ class Engine:
                                "characters (letters, digits, '-', '_'), e.g. my-model-merged")
         taken = {m.id for m in self.list_models()}
         if clean in taken or (self.settings.models_dir / clean).exists():
-            raise RequestError(f"new model name {clean!r} is already a model here; pick another name so it does "
-                               "not shadow the existing one")
+            raise RequestError(f"new model name {clean!r} already exists as a model here; pick another name so it "
+                               "does not shadow the existing one")
         return merge_model(info.path, stack, self.settings.models_dir / clean, dtype=dtype,
                            lora_caps=self.settings.lora_caps, resolve=self.loras.path_of, progress=on_progress)
 
