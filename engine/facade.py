@@ -40,6 +40,11 @@ class Settings:
     # The CLI names LoRA files by the user's own paths; the UI and API only by paths inside loras_dir.
     allow_lora_paths_outside: bool = False
     ignore_memory_plan: bool = False  # --ignore-memory-plan: run requests the memory plan says cannot fit
+    comfyui_dir: Path | None = None  # an existing ComfyUI models/ folder (--comfyui): its models are listed too
+    # Speed defaults for requests that say "auto" (engine/speed): app.py --attention / --compile.
+    attention: str = "auto"
+    compile: str = "auto"
+    compile_backend: str = "inductor"
 
 
 class Engine:
@@ -54,7 +59,7 @@ class Engine:
         """Detected models (engine.detect.ModelInfo) in models_dir and the data folder's demo models."""
         from engine.detect import scan
 
-        found = scan(self.settings.models_dir)
+        found = scan(self.settings.models_dir, self.settings.comfyui_dir)
         demo_root = self.settings.data_dir / "demo-models"
         if demo_root.is_dir():
             found += scan(demo_root)

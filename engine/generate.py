@@ -2,6 +2,7 @@
 per-step reports and previews, decode (streaming chunks if asked), and write the MP4 atomically."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -57,6 +58,16 @@ class Generator:
         self.release()
         _quiet_loading()
         self._device, self._dtype = pick_device()
+        if info.source != "diffusers":  # a recipe or a model assembled from --comfyui: single files
+            from engine.models.load import build_pipeline
+
+            loaded = build_pipeline(info, self._dtype)
+            pipe = loaded.pipe
+            for comp, source in loaded.sources.items():  # LoRA W0 is re-read from the single file, not copied
+                self.loras.register_source(getattr(pipe, comp), source)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe, self._pipe_key = pipe, key
+            return pipe
         # The Wan docs load the VAE in fp32 and the rest in bf16; on CPU everything is fp32.
         parts = {"vae": AutoencoderKLWan.from_pretrained(info.path, subfolder="vae", **_dtype_kw(torch.float32))}
         if (Path(info.path) / "image_encoder").is_dir():  # Wan2.1 I2V: the docs keep the CLIP encoder in fp32 too
@@ -65,6 +76,11 @@ class Generator:
             parts["image_encoder"] = CLIPVisionModel.from_pretrained(
                 info.path, subfolder="image_encoder", dtype=torch.float32)
         pipe = DiffusionPipeline.from_pretrained(info.path, **parts, **_dtype_kw(self._dtype))
+        from engine.models.load import own_aligned
+
+        for name in ("transformer", "transformer_2", "text_encoder", "vae", "image_encoder"):
+            if getattr(pipe, name, None) is not None:
+                own_aligned(getattr(pipe, name))  # same memory layout as single-file loads: same frames
         pipe.set_progress_bar_config(disable=True)
         self._pipe, self._pipe_key = pipe, key
         return pipe
@@ -90,13 +106,16 @@ class Generator:
         reserve = req.vram_reserve_bytes or self.settings.vram_reserve_bytes
         dtype = None if snapshot.free_vram_bytes() is not None else "fp32"
         plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
-                               choice=req.offload, reserve_bytes=reserve, dtype=dtype)
+                               choice=req.offload, reserve_bytes=reserve, dtype=dtype, storage=info.storage or None)
         if not (req.ignore_memory_plan or getattr(self.settings, "ignore_memory_plan", False)):
-            refuse_unfit(plan, spec, r, n_loras, snapshot, req.offload, reserve, dtype)
+            refuse_unfit(plan, spec, r, n_loras, snapshot, req.offload, reserve, dtype, storage=info.storage or None)
         image = _load_image(req.image, r) if req.image else None
         if n_loras:
             memory.require_stack_transient(plan.workload, plan, snapshot)
-        on_event("plan", plan.to_dict())
+        from engine.speed.run import RunSpeed
+
+        speed = RunSpeed.for_request(req, r.steps, self.settings, plan)
+        on_event("plan", {**plan.to_dict(), "speed": speed.plan.to_dict()})
         self._cancel.clear()
         started = time.perf_counter()
         notes: list[str] = []
@@ -118,9 +137,10 @@ class Generator:
             pipe = self.load(info, spec)
             _set_shift(pipe, r.shift)
             run_pipe = self._pipe_for(pipe, spec, image)
-            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event)
+            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event, steps=r.steps)
             state["plan"] = current_plan
-            return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video)
+            speed.apply(list(self.experts(run_pipe, spec).values()), current_plan, on_event)
+            return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video, speed)
 
         on_event("status", f"loading {info.id}")
         try:
@@ -142,7 +162,7 @@ class Generator:
             path=str(path), seed=r.seed, frames=len(frames), width=frames[0].shape[1], height=frames[0].shape[0],
             fps=r.fps, seconds=round(seconds, 3), offload=final_plan.mode.value, loras=lora_report,
             model_type=spec.type, steps=r.steps, notes=notes, settings=settings, plan=final_plan.to_dict(),
-            peak_vram_bytes=watch.peak_vram_bytes, peak_ram_bytes=watch.peak_ram_bytes,
+            peak_vram_bytes=watch.peak_vram_bytes, peak_ram_bytes=watch.peak_ram_bytes, speed=speed.report(),
         )
 
     def _pipe_for(self, pipe, spec: ModelSpec, image):
@@ -155,7 +175,8 @@ class Generator:
             return self._i2v_pipe
         return pipe
 
-    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event) -> list[dict]:
+    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event,
+                              steps: int | None = None) -> list[dict]:
         """Merge the request's stack into the experts and put the pipeline into the plan's offload mode.
 
         The merge is exact under every offload mode (it also updates the pinned CPU copies that group
@@ -166,8 +187,12 @@ class Generator:
         if req.stack.entries:
             on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
         resolve = Path if self.settings.allow_lora_paths_outside else None
+        # Scheduled weights (issue 11): the runtime path needs the run's steps and the expert split.
+        from engine.lora.stack_runtime import high_noise_steps_of
+
+        high_steps = high_noise_steps_of(pipe, spec.boundary_ratio, steps) if steps and spec.dual_expert else None
         report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
-                                  resolve=resolve)
+                                  resolve=resolve, steps=steps, high_steps=high_steps)
         on_event("loras", report)
         # Tracked here, not on the pipeline: TI2V's image pipeline shares its modules with the text one,
         # so the hooks belong to the modules, whichever pipeline object runs them.
@@ -177,17 +202,20 @@ class Generator:
             self._offload = wanted
         return report
 
-    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video):
+    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video, speed=None):
         import torch
 
         boundary = (spec.boundary_ratio or 0) * pipe.scheduler.config.num_train_timesteps
         last = [time.perf_counter()]
 
         def on_step(p, i, t, kwargs):
+            self.loras.set_step(i + 1, r.steps)  # scheduled LoRA weights for the next step (issue 11)
             now = time.perf_counter()
             expert = SINGLE if not spec.dual_expert else (HIGH if float(t) >= boundary else LOW)
             from engine.preview import latents_to_frames
 
+            if speed is not None:
+                speed.end_step()
             preview = latents_to_frames(kwargs["latents"])
             on_event("step", StepInfo(step=i + 1, total=r.steps, seconds=round(now - last[0], 4), expert=expert,
                                       preview=preview))
@@ -207,7 +235,8 @@ class Generator:
         if image is not None:
             args["image"] = image
         on_event("status", "denoising")
-        latents = pipe(**args).frames
+        with speed.caching(list(self.experts(pipe, spec).values())) if speed else contextlib.nullcontext():
+            latents = pipe(**args).frames
         if self._cancel.is_set():
             raise GenerationCancelled(f"stopped after the last step of {r.steps}")
         on_event("status", "decoding")

@@ -18,15 +18,18 @@ def register(sub) -> None:
 
     p = sub.add_parser("models", help="list detected models and their types")
     p.add_argument("--models-dir", default="models")
+    p.add_argument("--comfyui", metavar="DIR", help="also assemble models from an existing ComfyUI models/ folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("generate", help="turn a prompt into an MP4")
-    p.add_argument("--model", required=True, help="a model folder")
+    p.add_argument("--model", required=True, help="a listed model id, a diffusers model folder or a recipe .json")
+    p.add_argument("--models-dir", default="models", help="where model ids and recipes are looked up")
+    p.add_argument("--comfyui", metavar="DIR", help="an existing ComfyUI models/ folder (its models and loras/)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--image", help="start image for I2V / TI2V")
-    p.add_argument("--lora", action="append", default=[], metavar="SPEC", help="PATH[=WEIGHT[,APPLIES_TO]]; repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="SPEC", help="PATH[=WEIGHT[,APPLIES_TO]], WEIGHT a number or a schedule 1.0:0.8:0.5; repeatable")
     p.add_argument("--preset", help="a named stack from --presets-dir")
     p.add_argument("--presets-dir", default="presets")
     p.add_argument("--loras-dir", default="loras", help="where preset entries are looked up")
@@ -60,25 +63,59 @@ def cmd_demo(args):
 def cmd_models(args):
     from engine.detect import scan
 
-    if not Path(args.models_dir).is_dir():
+    if not Path(args.models_dir).is_dir() and not args.comfyui:
         raise RequestError(f"--models-dir {args.models_dir} is not a folder")
-    models = [m.to_dict() for m in scan(args.models_dir)]
+    if args.comfyui:
+        from engine.models.comfyui import check_root
+
+        check_root(args.comfyui)
+    models = [m.to_dict() for m in scan(args.models_dir, args.comfyui)]
     if args.json:
         return {"models": models}
-    lines = [f"{m['id']:32} {m['type'] or '-':24} {'ok' if m['ok'] else m['reason']}" for m in models]
+    lines = [f"{m['id']:40} {m['type'] or '-':24} {m['storage_label'] or '-':22} {'ok' if m['ok'] else m['reason']}"
+             for m in models]
     return "\n".join(lines) or f"no models in {args.models_dir}"
 
 
+def resolve_model(model: str, models_dir: str | Path, comfyui: str | None):
+    """`--model`: a diffusers folder, a recipe file, or the id of a model listed from models_dir / --comfyui."""
+    from engine.detect import detect, scan
+
+    p = Path(model)
+    if p.is_dir():
+        info = detect(p)
+    elif p.is_file() and p.suffix == ".json":
+        from engine.models.recipes import recipe_info
+
+        info = recipe_info(p, models_dir=Path(models_dir), comfyui_dir=comfyui)
+    else:
+        if comfyui:
+            from engine.models.comfyui import check_root
+
+            check_root(comfyui)
+        listed = scan(models_dir, comfyui)
+        info = next((m for m in listed if m.id == model), None)
+        if info is None:
+            names = ", ".join(m.id for m in listed if m.ok) or "none"
+            raise RequestError(f"--model {model}: no such folder, recipe or model id; listed models: {names}")
+    if not info.ok:
+        raise RequestError(f"--model {model}: {info.reason}")
+    return info
+
+
 def parse_lora_spec(spec: str) -> LoraEntry:
-    """`PATH[=WEIGHT[,APPLIES_TO]]` -> LoraEntry."""
+    """`PATH[=WEIGHT[,APPLIES_TO]]` -> LoraEntry; WEIGHT is a number or a schedule `1.0:0.8:0.5`."""
     path, _, rest = spec.partition("=")
     weight, applies_to = 1.0, "both"
     if rest:
         w, _, a = rest.partition(",")
+        from engine.lora.schedule import parse_weight
+
         try:
-            weight = float(w)
+            weight = parse_weight(w)  # a number, or a schedule 1.0:0.8:0.5
         except ValueError:
-            raise RequestError(f"--lora {spec!r}: weight {w!r} is not a number (form PATH[=WEIGHT[,APPLIES_TO]])") from None
+            raise RequestError(f"--lora {spec!r}: weight {w!r} is not a number or a schedule like 1.0:0.8:0.5 "
+                               "(form PATH[=WEIGHT[,APPLIES_TO]])") from None
         applies_to = a or "both"
     if not path:
         raise RequestError(f"--lora {spec!r} has no path (form PATH[=WEIGHT[,APPLIES_TO]])")
@@ -86,12 +123,9 @@ def parse_lora_spec(spec: str) -> LoraEntry:
 
 
 def cmd_generate(args):
-    from engine.detect import detect
     from engine.facade import Engine, Settings
 
-    info = detect(args.model)
-    if not info.ok:
-        raise RequestError(f"--model {args.model}: {info.reason}")
+    info = resolve_model(args.model, args.models_dir, args.comfyui)
     entries = [parse_lora_spec(s) for s in args.lora]
     loras_dir = Path(args.loras_dir)
     if args.preset:
@@ -105,9 +139,13 @@ def cmd_generate(args):
                    for e in preset.entries] + entries
     # CLI paths are the user's own: make them absolute so they do not depend on the LoRA folder.
     entries = [LoraEntry(**{**e.to_dict(), "file": str(Path(e.file).resolve())}) for e in entries]
-    engine = Engine(Settings(models_dir=Path(args.model).parent, loras_dir=loras_dir,
-                             outputs_dir=Path(args.out).parent, offload=args.offload,
-                             allow_lora_paths_outside=True))
+    if args.comfyui and args.loras_dir == "loras" and not loras_dir.is_dir():
+        from engine.models.comfyui import lora_dir
+
+        loras_dir = lora_dir(args.comfyui) or loras_dir
+    engine = Engine(Settings(models_dir=Path(args.models_dir) if info.source != "diffusers" else Path(info.path).parent,
+                             loras_dir=loras_dir, outputs_dir=Path(args.out).parent, offload=args.offload,
+                             allow_lora_paths_outside=True, comfyui_dir=Path(args.comfyui) if args.comfyui else None))
     req = GenerationRequest(
         model=info.path, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
         width=args.width, height=args.height, frames=args.frames, fps=args.fps, steps=args.steps,

@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--reserve", metavar="SIZE", default="1GiB", help="VRAM kept free for other apps (default 1GiB)")
     p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype on the GPU")
+    p.add_argument("--storage", help="transformer storage kept in memory: fp8_scaled, fp8_e4m3fn, gguf-Q8_0, gguf-Q4_K, ...")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
@@ -69,7 +70,11 @@ def cmd_plan(args):
                                       base=None if ram is not None else MemorySnapshot.capture())
     else:
         snap = MemorySnapshot.planned(None, ram, base=MemorySnapshot.capture())
-    work = Workload(spec, height, width, frames, loras=args.loras, dtype=args.dtype)
+    from engine.memory.estimate import STORAGE_BYTES_PER_PARAM
+
+    if args.storage and args.storage not in STORAGE_BYTES_PER_PARAM and args.storage not in ("fp32", "bf16", "fp16"):
+        raise RequestError(f"--storage {args.storage!r} is not one of fp32, bf16, fp16, {', '.join(STORAGE_BYTES_PER_PARAM)}")
+    work = Workload(spec, height, width, frames, loras=args.loras, dtype=args.dtype, storage=args.storage)
     plan = choose_offload(snap, work, args.offload, reserve)
     result = plan.to_dict()
     result.update(model_type=spec.type, height=height, width=width, frames=frames, loras=args.loras)

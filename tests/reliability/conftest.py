@@ -1,4 +1,4 @@
-"""Fixtures for the reliability suite: a small real disk that fills up (tmpfs) and scripted child processes."""
+"""Fixtures for the reliability suite: a small real disk that fills up (tmpfs) and a launched app."""
 from __future__ import annotations
 
 import subprocess
@@ -32,22 +32,6 @@ def small_disk(tmp_path):
     yield make
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
-def fill(folder: Path) -> None:
-    """Fill the disk under `folder` to the last byte."""
-    for name, chunk in (("filler", 4096), ("filler-tail", 1)):
-        try:
-            with open(folder / name, "wb", buffering=0) as f:
-                while True:
-                    f.write(b"\0" * chunk)
-        except OSError:
-            pass
-
-
-def python(code: str, **kw) -> subprocess.Popen:
-    """A child Python running `code` with the repo importable."""
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, **kw)
 
 
 def free_port() -> int:

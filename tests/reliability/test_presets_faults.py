@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import fill, python
+from faultkit import fill, python
 from engine.fileio import clean_stale_temps, is_temp_name
 from engine.presets import Preset, PresetError, PresetStore
 

@@ -23,7 +23,7 @@ def test_merge_stack_writes_a_detectable_model_into_models_dir(engine):
     assert seen and seen[-1] == len(seen)
     merged = {m.id: m for m in engine.list_models()}["demo-merged"]
     assert merged.ok and merged.type == "demo-wan2.1-t2v-1.3b"
-    with pytest.raises(RequestError, match="already exists"):
+    with pytest.raises(RequestError, match="already a model here"):
         engine.merge_stack("demo", stack, "demo-merged")
 
 
