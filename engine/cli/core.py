@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from engine.speed.options import SpeedOptions
-from engine.types import GenerationRequest, LoraEntry, RequestError, Stack, StepInfo
+from engine.types import OFFLOAD_CHOICES, GenerationRequest, LoraEntry, RequestError, Stack
 
 
 def register(sub) -> None:
@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--guidance-2", type=float)
     p.add_argument("--shift", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
     add_speed_arguments(p)
     p.add_argument("--cache", default="off", help="step cache: off or first_block (needs 10+ steps)")
     p.add_argument("--cache-threshold", type=float, help="step cache threshold in (0, 1]; higher skips more (default 0.05)")
@@ -181,13 +181,17 @@ def cmd_generate(args):
         for line in changes:
             print(line, file=sys.stderr)
 
-    def on_event(kind, payload):
-        if kind == "step" and isinstance(payload, StepInfo):
-            print(f"step {payload.step}/{payload.total} ({payload.expert}) {payload.seconds:.2f}s", file=sys.stderr)
-        elif kind in ("status", "retry"):
-            print(payload, file=sys.stderr)
-        elif kind == "plan" and isinstance(payload, dict) and payload.get("speed"):
-            for line in payload["speed"]["reasons"]:
+    from engine.port import Plan, Retry, Status, Step
+
+    def on_event(event):
+        if isinstance(event, Step):
+            print(f"step {event.step}/{event.total} ({event.expert}) {event.seconds:.2f}s", file=sys.stderr)
+        elif isinstance(event, Status):
+            print(event.text, file=sys.stderr)
+        elif isinstance(event, Retry):
+            print(event.message, file=sys.stderr)
+        elif isinstance(event, Plan) and event.plan.speed:
+            for line in event.plan.speed.get("reasons", []):
                 print(line, file=sys.stderr)
 
     result = engine.generate(req, on_event, out_path=args.out)

@@ -42,7 +42,7 @@ def test_cached_run_reports_skips_and_leaves_the_model_clean(demo_model, demo_lo
     def run(steps, speed=None):
         req = GenerationRequest(model=model.name, prompt="fog", steps=steps, seed=3, frames=5, width=64, height=64,
                                 speed=speed)
-        return engine.generate(req, lambda kind, payload: None)
+        return engine.generate(req, lambda event: None)
 
     plain = run(12)
     assert plain.speed["cache"]["kind"] == "off"
@@ -61,14 +61,19 @@ def test_cached_run_reports_skips_and_leaves_the_model_clean(demo_model, demo_lo
     assert short.speed["cache"]["kind"] == "off" and "under 10" in short.speed["cache"]["note"]
 
 
-def test_the_engine_plan_shows_the_speed_plan(demo_model, tmp_path):
+def test_the_run_plan_shows_the_speed_plan(demo_model, tmp_path):
+    from engine.port import Plan
+
     model = demo_model("wan2.1-t2v-1.3b")
     engine = Engine(Settings(models_dir=model.parent, outputs_dir=tmp_path / "out", loras_dir=tmp_path,
                              data_dir=tmp_path / "data", attention="sage"))
-    plan = engine.plan(GenerationRequest(model=model.name, prompt="x", steps=4,
-                                         speed=SpeedOptions(cache="first_block")))
-    speed = plan["speed"]
+    events = []
+    result = engine.generate(GenerationRequest(model=model.name, prompt="x", steps=2, frames=5, width=64, height=64,
+                                               speed=SpeedOptions(cache="first_block")), events.append)
+    (plan,) = [e.plan for e in events if isinstance(e, Plan)]
+    speed = plan.speed
     assert speed["attention"]["backend"] == "native" and speed["attention"]["requested"] == "sage"
     assert "sage needs a CUDA GPU" in speed["attention"]["reason"]
     assert not speed["compile"]["enabled"] and speed["cache"]["kind"] == "off"
     assert len(speed["reasons"]) == 3
+    assert result.speed["attention"]["backend"] == "native" and result.speed["fp8_compute"]["enabled"] is False
