@@ -11,6 +11,7 @@ import pytest
 from engine.facade import Engine, Settings
 from engine.types import GenerationRequest
 from engine.video import probe_video, streaming_unavailable
+from engine.port import VideoChunk
 
 ARCH = "wan2.1-t2v-1.3b"
 
@@ -41,12 +42,12 @@ def test_without_the_tools_streaming_is_off_with_one_note(demo_model, tmp_path, 
     bare.mkdir()
     monkeypatch.setenv("PATH", str(bare))  # our own encoding uses imageio-ffmpeg's binary, not PATH
     events = []
-    result = engine.generate(req, lambda kind, payload: events.append((kind, payload)), stream_video=True)
-    assert not [e for e in events if e[0] == "video_chunk"]
+    result = engine.generate(req, lambda event: events.append(event), stream_video=True)
+    assert not [e for e in events if isinstance(e, VideoChunk)]
     notes = [n for n in result.notes if "streaming is off" in n]
     assert len(notes) == 1 and probe_video(result.path).frames == result.frames
     monkeypatch.undo()
     if shutil.which("ffmpeg") and shutil.which("ffprobe"):
         events.clear()
-        result = engine.generate(req, lambda kind, payload: events.append((kind, payload)), stream_video=True)
-        assert [e for e in events if e[0] == "video_chunk"] and not any("streaming is off" in n for n in result.notes)
+        result = engine.generate(req, lambda event: events.append(event), stream_video=True)
+        assert [e for e in events if isinstance(e, VideoChunk)] and not any("streaming is off" in n for n in result.notes)
