@@ -194,7 +194,8 @@ def test_shipped_presets_use_the_demo_loras_of_their_model(tmp_path):
 
     from engine.catalog import get_spec
     from engine.demo_loras import DEMO_LORAS
-    from ui import stack_logic
+    from engine.lora.planning import cap_problem
+    from engine.types import Stack
 
     shipped = Path(__file__).resolve().parents[2] / "presets"
     shutil.copytree(shipped, tmp_path / "presets")  # a broken file would be moved aside: not in the repo
@@ -207,4 +208,4 @@ def test_shipped_presets_use_the_demo_loras_of_their_model(tmp_path):
         for entry in preset.entries:
             arch = DEMO_LORAS[entry["file"]][0]
             assert preset.model_type == f"demo-{arch}", (preset.name, entry["file"])
-        assert stack_logic.over_cap(preset.entries, spec) is None
+        assert cap_problem(spec, Stack.from_list(preset.entries)) is None
