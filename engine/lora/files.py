@@ -125,6 +125,8 @@ def read_lora_file(path: str | Path, *, allow_pickle: bool = False, sha256: str 
     if not tensors:
         raise LoraFormatError(f"{path.name} holds no tensors; it is not a LoRA")
     for key, t in tensors.items():
+        if key.endswith(".alpha") and t.is_floating_point() and not bool(torch.isnan(t).any()):
+            continue  # an infinite alpha is ai-toolkit's full-matrix LoKr saved in fp16 (issue 11: formats decides)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise LoraFormatError(
                 f"{path.name}: tensor {key} contains NaN or Inf values; the file is damaged or its training diverged"

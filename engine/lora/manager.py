@@ -12,7 +12,7 @@ from engine.lora.errors import LoraCapExceeded, LoraFormatError, LoraIncompatibl
 from engine.lora.files import PICKLE_SUFFIXES, file_sha256, read_lora_file, read_lora_shapes
 from engine.lora.formats import LOW, MAIN, ParsedLora, parse_lora
 from engine.lora.inspection import (
-    Coverage, check_family, coverage, describe, expert_hint, file_coverage, lora_width, width_of_shapes,
+    Coverage, check_family, coverage, describe, expert_hint, family_name, file_coverage, lora_width, width_of_shapes,
 )
 from engine.lora.merge import Contribution, ModuleMerger, WeightSource, model_param_shapes, transformer_config
 from engine.lora.schedule import constant_value, format_weight, is_constant, strength_for_expert
@@ -363,6 +363,11 @@ class LoraManager:
             row["warnings"].append(
                 f"{entry.file} holds two experts; {spec.label} has one, so only its high-noise part is applied"
             )
+        image_keys = {k for c in per.values() for k, (_, why) in c.reasons.items() if why.startswith("image cross-attention")}
+        if image_keys:
+            row["warnings"].append(
+                f"{family_name(lora_width(parsed))} I2V LoRA: {len(image_keys)} k_img/v_img keys have no target on "
+                f"{spec.label}")
         row["coverage_by_expert"] = {e: c.to_dict() for e, c in per.items()}
         row["coverage"] = file_coverage(
             parsed, per, used_slots,
