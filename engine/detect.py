@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.catalog import CATALOG, DEMO_WIDTH
@@ -26,6 +26,10 @@ class ModelInfo:
     reason: str = ""  # why it cannot be used (when not ok)
     demo: bool = False
     label: str = ""
+    source: str = "diffusers"  # "diffusers", "recipe" (a JSON file in models/) or "comfyui" (assembled from --comfyui)
+    storage: str = ""  # transformer storage: fp32, bf16, fp16, fp8_e4m3fn, fp8_scaled, gguf-Q4_K, ...
+    storage_label: str = ""  # what the model picker shows next to the name: "fp8 scaled · 2 experts"
+    files: dict = field(default_factory=dict)  # component -> file or folder it is loaded from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,18 +102,54 @@ def detect(folder: str | Path) -> ModelInfo:
         weights = list((folder / "transformer").glob("*.safetensors"))
         if not weights:
             return ModelInfo(name, str(folder), model_type, False, "transformer/ has no .safetensors weights", demo)
-        return ModelInfo(name, str(folder), model_type, True, "", demo, CATALOG[model_type].label)
+        storage = _folder_storage(folder / "transformer")
+        experts = 2 if has_2 else 1
+        from engine.models.identify import storage_label
+
+        files = {part: str(folder / part) for part in ("transformer", "transformer_2", "text_encoder", "vae", "tokenizer",
+                                                         "image_encoder") if _has(index, part)}
+        return ModelInfo(name, str(folder), model_type, True, "", demo, CATALOG[model_type].label, "diffusers", storage,
+                         storage_label(storage, experts), files)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return ModelInfo(name, str(folder), None, False, f"unreadable: {e}")
 
 
-def scan(models_dir: str | Path) -> list[ModelInfo]:
-    """Every sub-folder of models_dir that looks like a model attempt, sorted by name."""
+def _folder_storage(component: Path) -> str:
+    """The dtype most of a diffusers component's weights are stored in (from one shard's header)."""
+    from collections import Counter
+
+    from engine.lora.errors import LoraFormatError
+    from engine.lora.files import read_safetensors_header
+
+    shards = sorted(component.glob("*.safetensors"))
+    if not shards:
+        return ""
+    try:
+        header, _ = read_safetensors_header(shards[0])
+    except (LoraFormatError, OSError):
+        return ""
+    counts = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__")
+    code = counts.most_common(1)[0][0] if counts else ""
+    return {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F8_E4M3": "fp8_e4m3fn"}.get(code, code.lower())
+
+
+def scan(models_dir: str | Path, comfyui_dir: str | Path | None = None) -> list[ModelInfo]:
+    """Every sub-folder and recipe (*.json with a `transformer`) of models_dir, sorted by name, then the
+    models assembled from a ComfyUI `models/` folder when one is given."""
     root = Path(models_dir)
-    if not root.is_dir():
-        return []
     found = []
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and not child.name.startswith("."):
-            found.append(detect(child))
+    if root.is_dir():
+        from engine.models.recipes import is_recipe_file, recipe_info
+
+        for child in sorted(root.iterdir()):
+            if child.name.startswith("."):
+                continue
+            if child.is_dir():
+                found.append(detect(child))
+            elif child.suffix == ".json" and is_recipe_file(child):
+                found.append(recipe_info(child, models_dir=root, comfyui_dir=comfyui_dir))
+    if comfyui_dir is not None:
+        from engine.models.comfyui import scan_comfyui
+
+        found += scan_comfyui(comfyui_dir, models_dir=root if root.is_dir() else None)
     return found

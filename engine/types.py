@@ -5,11 +5,34 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Union
 
 APPLIES_TO = ("both", "high_noise", "low_noise")
 WEIGHT_LIMIT = 10.0
-OFFLOAD_CHOICES = ("auto", "none", "model", "group", "sequential")
+
+
+class OffloadMode(str, Enum):
+    """The offload modes, lightest first: the one list (the policy escalates along it after an OOM)."""
+
+    NONE = "none"
+    MODEL = "model"
+    GROUP = "group"
+    SEQUENTIAL = "sequential"
+
+    @property
+    def label(self) -> str:
+        return {"none": "no offload", "model": "model offload", "group": "group offload",
+                "sequential": "sequential offload"}[self.value]
+
+    def heavier(self) -> "OffloadMode | None":
+        order = list(OffloadMode)
+        i = order.index(self)
+        return order[i + 1] if i + 1 < len(order) else None
+
+
+OFFLOAD_MODES = tuple(m.value for m in OffloadMode)
+OFFLOAD_CHOICES = ("auto",) + OFFLOAD_MODES  # what a user may ask for: a mode, or auto (the policy picks)
 
 
 class WanStackError(Exception):
@@ -46,6 +69,7 @@ class LoraEntry:
     def __post_init__(self):
         if not self.file or not isinstance(self.file, str):
             raise RequestError("LoRA entry has no file; pick a LoRA file for every row")
+        _check_entry_types(self)
         if self.applies_to not in APPLIES_TO:
             raise RequestError(
                 f"applies_to {self.applies_to!r} for {self.file} is not one of {', '.join(APPLIES_TO)}"
@@ -143,7 +167,30 @@ class Stack:
             return cls()
         if not isinstance(rows, list):
             raise RequestError("stack must be a JSON list of entries like [{\"file\": \"x.safetensors\", \"weight\": 1.0}]")
+        if len(rows) > MAX_STACK_ENTRIES:
+            raise RequestError(f"stack has {len(rows)} entries; at most {MAX_STACK_ENTRIES} are accepted")
         return cls(tuple(LoraEntry.from_dict(r) for r in rows))
+
+
+MAX_FILE_CHARS = 1024
+MAX_STACK_ENTRIES = 64
+
+
+def _check_entry_types(entry: "LoraEntry") -> None:
+    """Types a JSON stack can get wrong (`"enabled": "no"`, `"weight": null`), each refused in one line."""
+    name = entry.file[:80]
+    if len(entry.file) > MAX_FILE_CHARS or "\0" in entry.file:
+        raise RequestError(f"LoRA file name {name!r}... is not a file name (over {MAX_FILE_CHARS} characters or a NUL)")
+    if not isinstance(entry.enabled, bool):
+        raise RequestError(f"enabled {entry.enabled!r} for {name} must be true or false")
+    if entry.weight is None or isinstance(entry.weight, bool):
+        raise RequestError(f"weight {entry.weight!r} for {name} must be a number between -{WEIGHT_LIMIT:g} and {WEIGHT_LIMIT:g}")
+    if isinstance(entry.low_noise_weight, bool):
+        raise RequestError(f"low_noise_weight {entry.low_noise_weight!r} for {name} must be a number or null")
+    if not isinstance(entry.applies_to, str):
+        raise RequestError(f"applies_to {entry.applies_to!r} for {name} is not one of {', '.join(APPLIES_TO)}")
+    if entry.sha256 is not None and not (isinstance(entry.sha256, str) and len(entry.sha256) <= 64):
+        raise RequestError(f"sha256 {str(entry.sha256)[:80]!r} for {name} must be a 64-character hex digest or null")
 
 
 def _acts_on(entry: LoraEntry, expert: str) -> bool:
@@ -171,17 +218,8 @@ class GenerationRequest:
     offload: str = "auto"
     skip_failing_loras: bool = False
     vram_reserve_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """One denoising step, reported to the UI/CLI callback."""
-
-    step: int
-    total: int
-    seconds: float
-    expert: str
-    preview: Any = None  # list of PIL.Image, one per latent frame (a small animation), or None
+    ignore_memory_plan: bool = False  # run even when the memory plan says it cannot fit (refused otherwise)
+    speed: "SpeedOptions | None" = None  # engine.speed.options (attention, compile, step cache); None: defaults
 
 
 @dataclass
@@ -202,6 +240,7 @@ class GenerationResult:
     plan: dict[str, Any] = field(default_factory=dict)
     peak_vram_bytes: int | None = None
     peak_ram_bytes: int | None = None
+    speed: dict[str, Any] = field(default_factory=dict)  # attention backend, compile, step cache computed/skipped
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.types import GenerationRequest, LoraEntry, RequestError, Stack, StepInfo
+from engine.types import OFFLOAD_CHOICES, GenerationRequest, LoraEntry, RequestError, Stack
 
 
 def register(sub) -> None:
@@ -18,11 +18,14 @@ def register(sub) -> None:
 
     p = sub.add_parser("models", help="list detected models and their types")
     p.add_argument("--models-dir", default="models")
+    p.add_argument("--comfyui", metavar="DIR", help="also assemble models from an existing ComfyUI models/ folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("generate", help="turn a prompt into an MP4")
-    p.add_argument("--model", required=True, help="a model folder")
+    p.add_argument("--model", required=True, help="a listed model id, a diffusers model folder or a recipe .json")
+    p.add_argument("--models-dir", default="models", help="where model ids and recipes are looked up")
+    p.add_argument("--comfyui", metavar="DIR", help="an existing ComfyUI models/ folder (its models and loras/)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--image", help="start image for I2V / TI2V")
@@ -40,7 +43,9 @@ def register(sub) -> None:
     p.add_argument("--guidance-2", type=float)
     p.add_argument("--shift", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
+    p.add_argument("--ignore-memory-plan", action="store_true",
+                   help="run even when the memory plan says it cannot fit (refused otherwise)")
     p.add_argument("--out", required=True, help="the MP4 to write")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -58,13 +63,44 @@ def cmd_demo(args):
 def cmd_models(args):
     from engine.detect import scan
 
-    if not Path(args.models_dir).is_dir():
+    if not Path(args.models_dir).is_dir() and not args.comfyui:
         raise RequestError(f"--models-dir {args.models_dir} is not a folder")
-    models = [m.to_dict() for m in scan(args.models_dir)]
+    if args.comfyui:
+        from engine.models.comfyui import check_root
+
+        check_root(args.comfyui)
+    models = [m.to_dict() for m in scan(args.models_dir, args.comfyui)]
     if args.json:
         return {"models": models}
-    lines = [f"{m['id']:32} {m['type'] or '-':24} {'ok' if m['ok'] else m['reason']}" for m in models]
+    lines = [f"{m['id']:40} {m['type'] or '-':24} {m['storage_label'] or '-':22} {'ok' if m['ok'] else m['reason']}"
+             for m in models]
     return "\n".join(lines) or f"no models in {args.models_dir}"
+
+
+def resolve_model(model: str, models_dir: str | Path, comfyui: str | None):
+    """`--model`: a diffusers folder, a recipe file, or the id of a model listed from models_dir / --comfyui."""
+    from engine.detect import detect, scan
+
+    p = Path(model)
+    if p.is_dir():
+        info = detect(p)
+    elif p.is_file() and p.suffix == ".json":
+        from engine.models.recipes import recipe_info
+
+        info = recipe_info(p, models_dir=Path(models_dir), comfyui_dir=comfyui)
+    else:
+        if comfyui:
+            from engine.models.comfyui import check_root
+
+            check_root(comfyui)
+        listed = scan(models_dir, comfyui)
+        info = next((m for m in listed if m.id == model), None)
+        if info is None:
+            names = ", ".join(m.id for m in listed if m.ok) or "none"
+            raise RequestError(f"--model {model}: no such folder, recipe or model id; listed models: {names}")
+    if not info.ok:
+        raise RequestError(f"--model {model}: {info.reason}")
+    return info
 
 
 def parse_lora_spec(spec: str) -> LoraEntry:
@@ -87,36 +123,46 @@ def parse_lora_spec(spec: str) -> LoraEntry:
 
 
 def cmd_generate(args):
-    from engine.detect import detect
     from engine.facade import Engine, Settings
 
-    info = detect(args.model)
-    if not info.ok:
-        raise RequestError(f"--model {args.model}: {info.reason}")
+    info = resolve_model(args.model, args.models_dir, args.comfyui)
     entries = [parse_lora_spec(s) for s in args.lora]
     loras_dir = Path(args.loras_dir)
     if args.preset:
         from engine.presets import PresetStore
 
         preset = PresetStore(Path(args.presets_dir)).load(args.preset)
-        entries = [LoraEntry(**{**e.to_dict(), "file": str((loras_dir / e.file).resolve())}) for e in preset.stack.entries] + entries
+        if preset.model_type != info.type:
+            print(f"note: preset {preset.name!r} was saved for {preset.model_type}; --model is {info.type}",
+                  file=sys.stderr)
+        entries = [LoraEntry.from_dict({**e, "file": str((loras_dir / e["file"]).resolve())})
+                   for e in preset.entries] + entries
     # CLI paths are the user's own: make them absolute so they do not depend on the LoRA folder.
     entries = [LoraEntry(**{**e.to_dict(), "file": str(Path(e.file).resolve())}) for e in entries]
-    engine = Engine(Settings(models_dir=Path(args.model).parent, loras_dir=loras_dir,
-                             outputs_dir=Path(args.out).parent, offload=args.offload,
-                             allow_lora_paths_outside=True))
+    if args.comfyui and args.loras_dir == "loras" and not loras_dir.is_dir():
+        from engine.models.comfyui import lora_dir
+
+        loras_dir = lora_dir(args.comfyui) or loras_dir
+    engine = Engine(Settings(models_dir=Path(args.models_dir) if info.source != "diffusers" else Path(info.path).parent,
+                             loras_dir=loras_dir, outputs_dir=Path(args.out).parent, offload=args.offload,
+                             allow_lora_paths_outside=True, comfyui_dir=Path(args.comfyui) if args.comfyui else None))
     req = GenerationRequest(
         model=info.path, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
         width=args.width, height=args.height, frames=args.frames, fps=args.fps, steps=args.steps,
         guidance=args.guidance, guidance_2=args.guidance_2, seed=args.seed, shift=args.shift,
         stack=Stack(tuple(entries)), offload=args.offload, skip_failing_loras=args.skip_failing_loras,
+        ignore_memory_plan=args.ignore_memory_plan,
     )
 
-    def on_event(kind, payload):
-        if kind == "step" and isinstance(payload, StepInfo):
-            print(f"step {payload.step}/{payload.total} ({payload.expert}) {payload.seconds:.2f}s", file=sys.stderr)
-        elif kind in ("status", "retry"):
-            print(payload, file=sys.stderr)
+    from engine.port import Retry, Status, Step
+
+    def on_event(event):
+        if isinstance(event, Step):
+            print(f"step {event.step}/{event.total} ({event.expert}) {event.seconds:.2f}s", file=sys.stderr)
+        elif isinstance(event, Status):
+            print(event.text, file=sys.stderr)
+        elif isinstance(event, Retry):
+            print(event.message, file=sys.stderr)
 
     result = engine.generate(req, on_event, out_path=args.out)
     if args.json:

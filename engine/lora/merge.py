@@ -37,20 +37,49 @@ class WeightSource:
     by one chunk at most, and W0 costs one pass over the page cache instead of a copy plus a pass.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, names: dict[str, str] | None = None):
+        """`folder`: a diffusers component folder, or one .safetensors file. `names` maps parameter names to
+        the file's own tensor names (single files keep the original Wan / ComfyUI names and prefixes); fp8
+        tensors with a ComfyUI `scale_weight` are dequantized with it when read in another dtype."""
         from engine.lora.files import read_safetensors_header
 
         self.folder = Path(folder)
-        self.index: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
-        for file in sorted(self.folder.glob("*.safetensors")):
+        files = [self.folder] if self.folder.is_file() else sorted(self.folder.glob("*.safetensors"))
+        raw: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+        for file in files:
             header, data_start = read_safetensors_header(file)
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
                 start, end = info["data_offsets"]
-                self.index[key] = (file, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
+                raw[key] = (file, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
+        self.scales: dict[str, float] = {}
+        if names is None:
+            self.index = raw
+        else:
+            self.index = {name: raw[key] for name, key in names.items() if key in raw}
+            for name, key in names.items():
+                scale_key = key[: -len("weight")] + "scale_weight" if key.endswith("weight") else None
+                if scale_key in raw and raw[key][1].startswith("F8"):
+                    self.scales[name] = self._scalar(raw[scale_key])
         self._maps: dict[Path, mmap.mmap] = {}
         self._pending: tuple[mmap.mmap, int, int] | None = None
+
+    @staticmethod
+    def _scalar(entry) -> float:
+        import torch
+
+        file, st_dtype, _shape, offset, _ = entry
+        t = torch.empty((), dtype=_ST_DTYPES.get(st_dtype))
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            pread_into(fd, t, offset)
+        finally:
+            os.close(fd)
+        return float(t)
+
+    def stored_dtype(self, name: str):
+        return _ST_DTYPES.get(self.index[name][1])
 
     def __bool__(self) -> bool:
         return bool(self.index)
@@ -91,6 +120,10 @@ class WeightSource:
             pread_into(fd, t, offset)
         finally:
             os.close(fd)
+        if tdtype != dtype and name in self.scales:
+            from engine.models.fp8 import dequantize
+
+            return dequantize(t, self.scales[name], dtype)
         return t.to(dtype)
 
     def release(self) -> None:
@@ -290,12 +323,16 @@ class ModuleMerger:
         import torch
 
         data = param.data
+
+        def same(a, b) -> bool:  # bitwise, which also works for fp8 (torch.equal has no fp8 kernel on CPU)
+            return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
         if data.ndim == 0 or data.shape[0] <= 2:
-            return torch.equal(src.read(name, data.dtype).to(data.device), data)
+            return same(src.read(name, data.dtype).to(data.device), data)
         n = data.shape[0]
         head = src.read(name, data.dtype, slice(0, 1)).to(data.device)
         tail = src.read(name, data.dtype, slice(n - 1, n)).to(data.device)
-        return torch.equal(head, data[0:1]) and torch.equal(tail, data[n - 1:n])
+        return same(head, data[0:1]) and same(tail, data[n - 1:n])
 
     def _w0(self, name: str, param, rows: slice | None = None):
         if name in self.originals:
@@ -325,7 +362,20 @@ class ModuleMerger:
     def _write(self, name: str, param, contribs: list[Contribution], *, w0_is_live: bool) -> int:
         data = param.data
         w0_rows = None if w0_is_live else (lambda rows: self._w0(name, param, rows if data.ndim >= 2 else None))
+        if _is_fp8(data.dtype):
+            # fp8 weights (engine/models/fp8.py): stored = W / scale, so the merge adds delta / scale in fp32 to
+            # the stored values and rounds once back to fp8 (clamped to its finite range), deterministically.
+            from engine.models.fp8 import FP8_MAX
+
+            return write_merged(data, contribs, w0_rows, name=name, scratch=self._scratch,
+                                delta_scale=1.0 / self._fp8_scale(name), clamp=FP8_MAX)
         return write_merged(data, contribs, w0_rows, name=name, scratch=self._scratch)
+
+    def _fp8_scale(self, name: str) -> float:
+        module = self.module
+        owner = module.get_submodule(name.rpartition(".")[0]) if module is not None and "." in name else module
+        scale = getattr(owner, "weight_scale", None)
+        return float(scale) if scale is not None else 1.0
 
 
 def merged_tensor(w0, contribs: list[Contribution]):
@@ -338,8 +388,12 @@ def merged_tensor(w0, contribs: list[Contribution]):
     return w0
 
 
+def _is_fp8(dtype) -> bool:
+    return str(dtype).startswith("torch.float8")
+
+
 def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str = "",
-                 scratch: Scratch | None = None) -> int:
+                 scratch: Scratch | None = None, delta_scale: float = 1.0, clamp: float | None = None) -> int:
     """Write `W0 + sum_i w_i * scale_i * (B_i @ A_i) (+ w_i * diff_i)` into `data`, fp32 accumulation in row chunks.
 
     All ranks go into one GEMM per row chunk ([rows, sum r] @ [sum r, in]), so there is one rounding
@@ -368,7 +422,7 @@ def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str 
         for c in lowrank:
             p = c.patch
             r = int(p.down.shape[0])
-            up[:, off:off + r].copy_(p.up.reshape(out_dim, r)).mul_(c.weight * p.scale)
+            up[:, off:off + r].copy_(p.up.reshape(out_dim, r)).mul_(c.weight * p.scale * delta_scale)
             down[off:off + r].copy_(p.down.reshape(r, in_dim))
             off += r
     step = _chunk_rows(in_dim) if data.ndim >= 2 else out_dim
@@ -380,7 +434,9 @@ def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str 
         if up is not None:
             acc.addmm_(up[rows], down)
         for w, d in diffs:
-            acc.add_(d[rows].to(device=device, dtype=torch.float32), alpha=w)
+            acc.add_(d[rows].to(device=device, dtype=torch.float32), alpha=w * delta_scale)
+        if clamp is not None:
+            acc.clamp_(-clamp, clamp)
         flat[rows].copy_(acc)
     return 2 * out_dim * in_dim * total_rank
 

@@ -21,15 +21,8 @@ __all__ = [
     "DEFAULT_RESERVE_BYTES", "Estimate", "GpuInfo", "MemorySample", "MemorySnapshot", "MemoryWatch",
     "NotEnoughMemory", "OffloadMode", "OffloadPlan", "TransientCheck", "Workload", "check_stack_transient",
     "choose_offload", "estimate", "gib", "parse_bytes", "plan_for", "require_stack_transient",
-    "run_with_oom_recovery", "snapshot", "governed_run",
+    "run_with_oom_recovery", "snapshot",
 ]
-
-
-def governed_run(*args, **kwargs):
-    """engine.memory.governor.governed_run (imported on first use: it pulls in the offload module)."""
-    from engine.memory.governor import governed_run as run
-
-    return run(*args, **kwargs)
 
 
 def snapshot(nvml: Any = None, psutil_module: Any = None) -> MemorySnapshot:
@@ -39,8 +32,10 @@ def snapshot(nvml: Any = None, psutil_module: Any = None) -> MemorySnapshot:
 
 def plan_for(spec: ModelSpec, height: int, width: int, frames: int, loras: int = 0,
              snapshot: MemorySnapshot | None = None, choice: str = "auto",
-             reserve_bytes: int = DEFAULT_RESERVE_BYTES, dtype: str | None = None) -> OffloadPlan:
-    """The offload plan for one run. `snapshot=None` captures one now. `dtype` defaults to bf16 on a GPU."""
+             reserve_bytes: int = DEFAULT_RESERVE_BYTES, dtype: str | None = None,
+             storage: str | None = None) -> OffloadPlan:
+    """The offload plan for one run. `snapshot=None` captures one now. `dtype` defaults to bf16 on a GPU;
+    `storage` is the transformer's (fp8_scaled, gguf-Q4_K, ...) when it stays quantized in memory."""
     snap = snapshot if snapshot is not None else MemorySnapshot.capture()
-    work = Workload(spec, height, width, frames, loras=loras, dtype=dtype or "bf16")
+    work = Workload(spec, height, width, frames, loras=loras, dtype=dtype or "bf16", storage=storage)
     return choose_offload(snap, work, choice, reserve_bytes)

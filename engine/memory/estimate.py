@@ -38,9 +38,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.catalog import ModelSpec
+from engine.dtypes import WEIGHT_BYTES
+from engine.types import OFFLOAD_MODES
 from engine.memory.units import MIB
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+DTYPE_BYTES = WEIGHT_BYTES  # engine/dtypes.py
+# Transformer storages that stay as stored in memory (engine/models: fp8 upcast per layer, GGUF dequantized per
+# layer), in bytes per parameter: GGML block bytes / values per block (ggml-common.h block_q* structs).
+# bf16/fp16/fp32 files are cast to the compute dtype at load, so they cost DTYPE_BYTES of that dtype.
+STORAGE_BYTES_PER_PARAM = {
+    "fp8_e4m3fn": 1.0, "fp8_scaled": 1.0,
+    "gguf-Q8_0": 34 / 32, "gguf-Q6_K": 210 / 256, "gguf-Q5_K": 176 / 256, "gguf-Q5_1": 24 / 32, "gguf-Q5_0": 22 / 32,
+    "gguf-Q4_K": 144 / 256, "gguf-Q4_1": 20 / 32, "gguf-Q4_0": 18 / 32, "gguf-Q3_K": 110 / 256, "gguf-Q2_K": 84 / 256,
+    "gguf-BF16": 2.0, "gguf-F16": 2.0, "gguf-F32": 4.0,
+}
 CUDA_CONTEXT_BYTES = 512 * MIB
 ALLOCATOR_SLACK = 1.15
 TEXT_ENCODE_WORK_BYTES = 256 * MIB  # UMT5 over <= 512 tokens: a few MB per layer, rounded up generously
@@ -52,7 +63,7 @@ UNTILED_OUTPUT_COPIES, TILED_OUTPUT_COPIES = 2, 4
 LORA_MERGE_BYTES_PER_PARAM = 14
 PROCESS_BASE_RAM_BYTES = 2048 * MIB  # Python, torch, diffusers and the tokenizer, before any weights
 
-MODES = ("none", "model", "group", "sequential")
+MODES = OFFLOAD_MODES
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,7 @@ class Workload:
     dtype: str = "bf16"  # transformer and text encoder
     vae_dtype: str = "fp32"  # the Wan docs (and the generator) load the VAE in fp32
     experts: int | None = None  # defaults to the spec's expert count
+    storage: str | None = None  # transformer storage (fp8_scaled, gguf-Q4_K, ...); None: the compute dtype
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES or self.vae_dtype not in DTYPE_BYTES:
@@ -99,18 +111,29 @@ class Workload:
         out = {"text_encoder": m.text_encoder_params * b}
         if m.image_encoder_params:
             out["image_encoder"] = m.image_encoder_params * b
-        out["transformer"] = m.transformer_params * b
+        out["transformer"] = int(m.transformer_params * self.transformer_bytes_per_param(dtype))
         if self.n_experts > 1:
-            out["transformer_2"] = m.transformer_params * b
+            out["transformer_2"] = out["transformer"]
         out["vae"] = m.vae_params * vb
         return out
+
+    def transformer_bytes_per_param(self, dtype: str | None = None) -> float:
+        """Bytes per transformer parameter in memory: the storage's when it stays quantized, else the dtype's."""
+        kept = STORAGE_BYTES_PER_PARAM.get(self.storage or "")
+        return kept if kept is not None else float(DTYPE_BYTES[dtype or self.dtype])
+
+    def upcast_bytes(self, dtype: str | None = None) -> int:
+        """fp8/GGUF layers are turned into the compute dtype one at a time: the largest layer's copy."""
+        if (self.storage or "") not in STORAGE_BYTES_PER_PARAM:
+            return 0
+        return self.largest_layer_params() * DTYPE_BYTES[dtype or self.dtype]
 
     def activation_bytes(self, dtype: str | None = None) -> int:
         m = self.spec.memory
         scale = DTYPE_BYTES[dtype or self.dtype] / 2  # the per-token counts above are for 16-bit activations
         per_token = max(22 * m.width, 10 * m.width + 4 * m.ffn) * scale
         latents = m.latent_channels * self.latent_frames * self.height * self.width // (m.vae_spatial**2) * 4 * 4
-        return int(self.tokens * per_token * ALLOCATOR_SLACK) + latents
+        return int(self.tokens * per_token * ALLOCATOR_SLACK) + latents + self.upcast_bytes(dtype)
 
     def decode_bytes(self, tiling: bool) -> int:
         m = self.spec.memory
@@ -177,12 +200,13 @@ class Workload:
                 phases["image_encode"] = ie + TEXT_ENCODE_WORK_BYTES
         else:
             if mode == "group":
-                t_res = self._transformer_nonblock_params() * b + prefetch * self._block_params() * b
+                t_res = self._transformer_nonblock_params() * b + int(prefetch * self._block_params()
+                                                                       * self.transformer_bytes_per_param())
                 te_block = max(0, m.text_encoder_params - self._te_shared_params()) // UMT5_LAYERS
                 te_res = self._te_shared_params() * b + prefetch * te_block * b
                 vae_res = vae
             else:  # sequential: leaf level, one layer (and a prefetched one) at a time
-                t_res = prefetch * self.largest_layer_params() * b
+                t_res = int(prefetch * self.largest_layer_params() * self.transformer_bytes_per_param())
                 # the shared embedding is the largest leaf; the prefetched next leaf is a gated-FFN linear
                 te_res = (self._te_shared_params() + (prefetch - 1) * UMT5_D_FF * UMT5_D_MODEL) * b
                 vae_res = vae // 4
@@ -247,7 +271,9 @@ class Estimate:
 
 def estimate(spec: ModelSpec, height: int, width: int, frames: int, *, loras: int = 0, dtype: str = "bf16",
              vae_dtype: str = "fp32", experts: int | None = None, mode: str = "none", vae_tiling: bool = False,
-             text_encoder_on_cpu: bool = False, device: str = "cuda", use_stream: bool = True) -> Estimate:
+             text_encoder_on_cpu: bool = False, device: str = "cuda", use_stream: bool = True,
+             storage: str | None = None) -> Estimate:
     """Peak bytes for one run under one offload mode (pure: no I/O, no torch)."""
-    work = Workload(spec, height, width, frames, loras=loras, dtype=dtype, vae_dtype=vae_dtype, experts=experts)
+    work = Workload(spec, height, width, frames, loras=loras, dtype=dtype, vae_dtype=vae_dtype, experts=experts,
+                    storage=storage)
     return work.estimate(mode, vae_tiling, text_encoder_on_cpu, device, use_stream)

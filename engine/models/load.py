@@ -1,0 +1,293 @@
+"""Build a Wan pipeline from a recipe's components: single files (.safetensors in any storage, .gguf) or
+diffusers folders, with configs shipped in engine/models/configs/ (or carried by WanStack's own test files),
+so nothing touches the network.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.catalog import CATALOG, ModelSpec
+from engine.types import RequestError
+
+log = logging.getLogger(__name__)
+CONFIGS = Path(__file__).parent / "configs"
+# Modules whose fp8 weights are dequantized at load: diffusers' Wan condition embedder casts its input to
+# its first weight's dtype (which must not be fp8), and they are a tiny share of the bytes.
+_DEQUANT_AT_LOAD = ("condition_embedder.",)
+
+
+def shipped_config(name: str) -> dict:
+    with open(CONFIGS / f"{name}.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass
+class Loaded:
+    """A pipeline built from a recipe, and where each expert's weights live for LoRA W0 re-reads."""
+
+    pipe: Any
+    sources: dict[str, Any] = field(default_factory=dict)  # component ("transformer", "transformer_2") -> WeightSource
+    storage: dict[str, str] = field(default_factory=dict)  # component -> storage
+
+
+def build_pipeline(info, dtype) -> Loaded:
+    """The pipeline of a recipe / ComfyUI ModelInfo, on the CPU, transformers and text encoder in `dtype`."""
+    import torch
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+
+    spec = CATALOG[info.type]
+    files = info.files
+    out = Loaded(pipe=None)
+    parts: dict[str, Any] = {}
+    for comp in ("transformer", "transformer_2"):
+        if files.get(comp):
+            parts[comp], source, storage = load_transformer(files[comp], spec, dtype)
+            if source is not None:
+                out.sources[comp] = source
+            out.storage[comp] = storage
+    parts.setdefault("transformer_2", None)
+    parts["text_encoder"] = load_text_encoder(files["text_encoder"], dtype)
+    parts["tokenizer"] = load_tokenizer(files["tokenizer"], parts["text_encoder"])
+    parts["vae"] = load_vae(files["vae"], spec)
+    sched = shipped_config("scheduler")
+    sched.pop("_class_name", None)
+    sched["flow_shift"] = spec.shift
+    parts["scheduler"] = UniPCMultistepScheduler(**sched)
+    kw = dict(boundary_ratio=spec.boundary_ratio, expand_timesteps=spec.task == "ti2v")
+    if spec.pipeline_class == "WanImageToVideoPipeline":
+        enc, proc = (load_image_encoder(files["image_encoder"]) if files.get("image_encoder") else (None, None))
+        out.pipe = WanImageToVideoPipeline(image_encoder=enc, image_processor=proc, **parts, **kw)
+    else:
+        out.pipe = WanPipeline(**parts, **kw)
+    for module in (parts["transformer"], parts["transformer_2"], parts["text_encoder"], parts["vae"]):
+        if module is not None:
+            own_aligned(module)
+    del torch
+    return out
+
+
+def own_aligned(module) -> None:
+    """Give every CPU parameter and buffer its own 64-byte aligned storage.
+
+    CPU kernels pick code paths by alignment, so the same weights memory-mapped from shards and copied from
+    a single file can differ in the last bits; loading through either path then gives identical frames.
+    """
+    import torch
+
+    with torch.no_grad():
+        for sub in module.modules():
+            for store in (sub._parameters, sub._buffers):
+                for key, t in list(store.items()):
+                    if t is None or t.device.type != "cpu" or t.data_ptr() % 64 == 0:
+                        continue
+                    clone = t.data.clone()
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = clone
+                    else:
+                        store[key] = clone
+
+
+# ---- transformer -------------------------------------------------------------------------------------
+
+def _type_config(path: Path, spec: ModelSpec, header) -> dict:
+    from engine.models.headers import embedded_config
+
+    cfg = embedded_config(header)
+    if cfg is None:
+        if spec.demo:
+            raise RequestError(f"{path.name}: a demo-size transformer without its config (wanstack_config metadata)")
+        cfg = shipped_config(f"transformer-{spec.type}")
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def load_transformer(path: str, spec: ModelSpec, dtype):
+    """(module, WeightSource or None, storage) for a transformer file or diffusers transformer folder."""
+    from diffusers import WanTransformer3DModel
+
+    p = Path(path)
+    if p.is_dir():
+        from engine.generate import _dtype_kw
+
+        module = WanTransformer3DModel.from_pretrained(p, **_dtype_kw(dtype))
+        from engine.detect import _folder_storage
+
+        return module.eval(), None, _folder_storage(p)
+    from engine.models.headers import read_header
+    from engine.models.identify import storage_of
+
+    header = read_header(p)
+    if header.format == "gguf":
+        return _load_gguf(p, spec, dtype, header)
+    return _load_safetensors_transformer(p, spec, dtype, header)
+
+
+def _load_safetensors_transformer(p: Path, spec: ModelSpec, dtype, header):
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    from engine.lora.merge import WeightSource
+    from engine.models.fp8 import make_fp8
+    from engine.models.identify import storage_of
+    from engine.models.keys import is_aux, transformer_name_map
+
+    storage = storage_of(header, [n for n in header.tensors if not is_aux(n)])
+    config = _type_config(p, spec, header)
+    with init_empty_weights():
+        model = WanTransformer3DModel.from_config(config)
+    names = transformer_name_map(header.names())
+    source = WeightSource(p, names)
+    keep_fp32 = tuple(model._keep_in_fp32_modules or ()) if dtype == torch.float16 else ()
+    _fill(model, source, p, dtype, keep_fp32, fp8_ok=True, make_fp8=make_fp8)
+    return model.eval(), source, storage
+
+
+def _fill(model, source, path: Path, dtype, keep_fp32: tuple[str, ...] = (), *, fp8_ok: bool = False, make_fp8=None) -> None:
+    """Assign every parameter of a meta-initialised `model` from `source` (missing names raise)."""
+    import torch
+
+    modules = dict(model.named_modules())
+    missing = [n for n, _ in model.named_parameters() if n not in source.index]
+    if missing:
+        raise RequestError(f"{path.name} lacks {len(missing)} tensor(s) of this model, e.g. {missing[0]}; "
+                           "it is not a complete file of the detected type")
+    for name, param in list(model.named_parameters()):
+        mod_name, _, leaf = name.rpartition(".")
+        module = modules[mod_name]
+        stored = source.stored_dtype(name)
+        shape = source.shape(name)
+        if tuple(shape) != tuple(param.shape):
+            raise RequestError(f"{path.name}: tensor for {name} has shape {list(shape)}, the config expects "
+                               f"{list(param.shape)}; the file does not match its detected type {model.__class__.__name__}")
+        keep = fp8_ok and stored == torch.float8_e4m3fn and isinstance(module, torch.nn.Linear) and leaf == "weight" \
+            and not name.startswith(_DEQUANT_AT_LOAD)
+        if keep:
+            t = source.read(name, stored)
+        else:
+            target = torch.float32 if any(k in name.split(".") for k in keep_fp32) else dtype
+            t = source.read(name, target)
+        module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+        if keep:
+            make_fp8(module, source.scales.get(name, 1.0))
+
+
+def _load_gguf(p: Path, spec: ModelSpec, dtype, header):
+    from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
+
+    from engine.models.identify import storage_of
+
+    storage = storage_of(header, list(header.tensors))
+    config = _type_config(p, spec, header)
+    with tempfile.TemporaryDirectory(prefix="wanstack-config-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **config}))
+        model = WanTransformer3DModel.from_single_file(
+            str(p), config=tmp, quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+            torch_dtype=dtype, local_files_only=True)
+    return model.eval(), None, storage
+
+
+# ---- text encoder, tokenizer, VAE, image encoder -------------------------------------------------------
+
+def load_text_encoder(path: str, dtype):
+    """umt5-xxl from a transformers folder or a single file (ComfyUI T5 layout or original Wan layout, any
+    storage; fp8 is dequantized once at load: the encoder runs once per prompt)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    p = Path(path)
+    if p.is_dir():
+        return UMT5EncoderModel.from_pretrained(p, dtype=dtype).eval()
+    from accelerate import init_empty_weights
+
+    from engine.lora.merge import WeightSource
+    from engine.models.headers import embedded_config, read_header
+    from engine.models.keys import t5_name_map
+
+    header = read_header(p)
+    if header.format != "safetensors":
+        raise RequestError(f"{p.name}: the text encoder must be a .safetensors file or a transformers folder")
+    names = t5_name_map(header.names())
+    cfg = embedded_config(header) or shipped_config("umt5-xxl")
+    shared = header.tensors.get(names.get("shared.weight", ""))
+    if shared is None:
+        raise RequestError(f"{p.name} has no token embedding (shared.weight / token_embedding.weight); not a umt5 file")
+    if list(shared.shape) != [cfg["vocab_size"], cfg["d_model"]]:
+        raise RequestError(f"{p.name}: token embedding {list(shared.shape)} is not umt5-xxl's "
+                           f"[{cfg['vocab_size']}, {cfg['d_model']}]")
+    config = UMT5Config(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    with init_empty_weights():
+        model = UMT5EncoderModel(config)
+    _fill(model, WeightSource(p, names), p, dtype)
+    return model.eval()
+
+
+def load_tokenizer(path: str, text_encoder=None):
+    """A tokenizer folder (tokenizer.json or spiece.model), or `FILE#spiece_model` (embedded in a ComfyUI file)."""
+    from transformers import AutoTokenizer
+
+    if path.endswith("#spiece_model"):
+        from engine.models.spiece import tokenizer_from_embedded
+
+        tok = tokenizer_from_embedded(Path(path[: -len("#spiece_model")]))
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise RequestError(f"tokenizer {path} could not be read ({e}); put the umt5-xxl tokenizer "
+                               "(tokenizer.json) there") from None
+    if text_encoder is not None and len(tok) > text_encoder.config.vocab_size:
+        raise RequestError(f"tokenizer {path} has {len(tok)} tokens but the text encoder only {text_encoder.config.vocab_size}; "
+                           "it belongs to another text encoder")
+    return tok
+
+
+def load_vae(path: str, spec: ModelSpec):
+    """Wan 2.1 / 2.2 VAE in fp32 (as the Wan docs run it), from a diffusers folder or an original-layout file."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    p = Path(path)
+    if p.is_dir():
+        from engine.generate import _dtype_kw
+
+        return AutoencoderKLWan.from_pretrained(p, **_dtype_kw(torch.float32)).eval()
+    from accelerate import init_empty_weights
+
+    from engine.lora.merge import WeightSource
+    from engine.models.headers import embedded_config, read_header
+    from engine.models.keys import vae_name_map
+
+    header = read_header(p)
+    cfg = embedded_config(header)
+    if cfg is None:
+        z = header.tensors.get("conv1.weight") or header.tensors.get("quant_conv.weight")
+        cfg = shipped_config("vae-wan2.2" if z and z.shape[0] == 96 else "vae-wan2.1")
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    with init_empty_weights():
+        model = AutoencoderKLWan(**cfg)
+    keys = [n for n, _ in model.named_parameters()]
+    if "decoder.mid_block.resnets.0.norm1.gamma" in header.tensors:  # diffusers names in one file
+        names = {k: k for k in keys}
+    else:
+        names = vae_name_map(keys, cfg)
+    _fill(model, WeightSource(p, names), p, torch.float32)
+    return model.eval()
+
+
+def load_image_encoder(path: str):
+    """CLIP vision tower for Wan2.1 I2V (fp32): a transformers folder or a single file with HF names."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    p = Path(path)
+    if p.is_dir():
+        enc = CLIPVisionModel.from_pretrained(p, dtype=torch.float32).eval()
+        proc_dir = p.parent / "image_processor"
+        proc = CLIPImageProcessor.from_pretrained(proc_dir) if proc_dir.is_dir() else CLIPImageProcessor()
+        return enc, proc
+    raise RequestError(f"{p.name}: single-file CLIP image encoders are not supported yet; name the image_encoder/ "
+                       "folder of a diffusers Wan2.1 I2V model in the recipe's `image_encoder`")

@@ -1,0 +1,29 @@
+"""A ComfyUI-style tree of tiny files in the real layouts, written once per session from the demo A14B."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+STORAGES = ("fp32", "bf16", "fp8_scaled", "fp8_e4m3fn")
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q5_1")
+
+
+@pytest.fixture(scope="session")
+def comfy_tree(demo_model, demo_loras_dir, tmp_path_factory) -> Path:
+    """models/ of a ComfyUI install: diffusion_models/ (4 storages, bare names), unet/ (GGUF), text_encoders/
+    (+ tokenizer/), vae/, loras/."""
+    from engine.models.testdata import build_comfyui_tree
+
+    demo = demo_model("wan2.2-t2v-a14b")
+    return build_comfyui_tree(demo, tmp_path_factory.mktemp("comfy") / "models", storages=STORAGES,
+                              gguf_types=GGUF_TYPES, loras_from=demo_loras_dir)
+
+
+@pytest.fixture
+def tree_copy(comfy_tree, tmp_path) -> Path:
+    """A private copy of the tree (hard links) that a test may break."""
+    out = tmp_path / "models"
+    shutil.copytree(comfy_tree, out, copy_function=lambda s, d: __import__("os").link(s, d))
+    return out
