@@ -361,3 +361,30 @@ def test_i2v_image_keys_on_a_t2v_model_are_named_in_the_row(tmp_path):
     _, _, row = _apply(tmp_path, "i2v.safetensors")
     assert any("4 k_img/v_img keys have no target" in w for w in row["warnings"]), row["warnings"]
     _coverage_complete(row, 6)
+
+
+# -- convert writes what the other tools read -----------------------------------------------------------
+
+def test_convert_writes_lightx2v_modulation_layout_and_keeps_lycoris_layers(tmp_path):
+    from engine.lora.convert import convert_file
+    from safetensors.torch import load_file
+
+    g = _g(60)
+    sd = {"transformer.blocks.0.scale_shift_table.diff_m": torch.randn(1, 6, 16, generator=g),
+          "transformer.scale_shift_table.diff_m": torch.randn(1, 2, 16, generator=g),
+          f"transformer.{Q}.lokr_w1": torch.randn(4, 2, generator=g), f"transformer.{Q}.lokr_w2": torch.randn(4, 8, generator=g),
+          f"transformer.{FF}.lora_A.weight": torch.randn(2, 16, generator=g),
+          f"transformer.{FF}.lora_B.weight": torch.randn(32, 2, generator=g),
+          f"transformer.{FF}.lora_magnitude_vector.weight": torch.rand(32, generator=g) + 1}
+    save_file(sd, str(tmp_path / "src.safetensors"))
+    report = convert_file(tmp_path / "src.safetensors", "comfy", tmp_path / "comfy.safetensors")
+    out = load_file(str(tmp_path / "comfy.safetensors"))
+    assert "diffusion_model.blocks.0.diff_m" in out and "diffusion_model.head.diff_m" in out
+    assert "diffusion_model.blocks.0.self_attn.q.lokr_w1" in out
+    assert out["diffusion_model.blocks.1.ffn.0.dora_scale"].shape == (32, 1) and "note" in report
+    assert len(out) == len(sd)
+    # the converted file merges to the same weights at strength 1
+    a, w0, _ = _apply(tmp_path, "src.safetensors")
+    b, _, _ = _apply(tmp_path, "comfy.safetensors")
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-6, atol=1e-7)
