@@ -1,9 +1,10 @@
 """Benchmark: per-step cost of the runtime (unmerged) LoRA path beside diffusers' unfused PEFT LoRA.
 
 One WanTransformer3DModel with Wan2.1-1.3B layer shapes (default: 2 blocks, width 1536, ffn 8960; 128 video
-tokens, 64 text tokens; fp32 on CPU with one thread, as the machine is shared / bf16 on CUDA), random weights, and two rank-32 LoRAs on every block Linear (attn1/attn2
-q,k,v,o and both ffn layers). One denoising step = one transformer forward. Timed, interleaved,
-best of `--repeats` rounds of `--steps` steps each:
+tokens, 64 text tokens; fp32 on CPU with one thread, as the machine is shared / bf16 on CUDA), random
+weights, and two rank-32 LoRAs on every block Linear (attn1/attn2 q,k,v,o and both ffn layers). One
+denoising step = one transformer forward. Timed, interleaved, best of `--repeats` rounds of `--steps`
+steps each (the first round is a discarded warm-up):
 
   base                 the model alone (what a merged stack costs per step: merged = zero extra)
   ours runtime         engine.lora.runtime.RuntimeLoras, a schedule changing both strengths every step
