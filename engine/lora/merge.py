@@ -408,8 +408,11 @@ def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str 
     if flat.data_ptr() != data.data_ptr() or not data.is_contiguous():
         raise WanStackError(f"parameter {name} is not contiguous; cannot merge a LoRA into it in place")
     out_dim, in_dim = flat.shape
+    if any(not c.patch.additive for c in contribs):
+        return _write_in_stack_order(flat, contribs, w0_rows)
     lowrank = [c for c in contribs if c.patch.kind == "lowrank"]
-    diffs = [(c.weight, c.patch.diff.reshape(out_dim, in_dim)) for c in contribs if c.patch.kind != "lowrank"]
+    diffs = [(c.weight, _full_delta(c.patch, device).reshape(out_dim, in_dim))
+             for c in contribs if c.patch.kind != "lowrank"]
     total_rank = sum(int(c.patch.down.shape[0]) for c in lowrank)
     up = down = None
     if lowrank:
@@ -436,6 +439,83 @@ def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str 
             acc.clamp_(-clamp, clamp)
         flat[rows].copy_(acc)
     return 2 * out_dim * in_dim * total_rank
+
+
+def _full_delta(patch, device):
+    """A full-size additive change (LightX2V diff as stored; LoKr/LoHa built in fp32, scale included)."""
+    import torch
+
+    return patch.diff if patch.kind == "diff" else patch.delta(torch.float32, device)
+
+
+def _write_in_stack_order(flat, contribs: list[Contribution], w0_rows) -> int:
+    """A weight that carries a DoRA entry: the whole tensor in fp32, each entry applied in stack order.
+
+    DoRA is not additive (it renormalises the weight it is applied to), so the result is built
+    from W0 entry by entry: additive entries add w * ΔW, a DoRA entry replaces the accumulator with
+    dora_apply(accumulator). Removal still writes W0 back from its source, bit for bit.
+    """
+    import torch
+
+    out_dim, in_dim = flat.shape
+    src = flat if w0_rows is None else w0_rows(slice(0, out_dim)).reshape(out_dim, in_dim)
+    acc = src.to(device=flat.device, dtype=torch.float32, copy=True)
+    flops = 0
+    for c in contribs:
+        p = c.patch
+        if p.kind == "dora":
+            acc = dora_apply(acc, p, c.weight)
+        elif p.kind == "lowrank":
+            r = int(p.down.shape[0])
+            up = p.up.reshape(out_dim, r).to(device=acc.device, dtype=torch.float32) * (c.weight * p.scale)
+            acc.addmm_(up, p.down.reshape(r, in_dim).to(device=acc.device, dtype=torch.float32))
+            flops += 2 * out_dim * in_dim * r
+        else:
+            acc.add_(_full_delta(p, acc.device).reshape(out_dim, in_dim).to(torch.float32), alpha=c.weight)
+    flat.copy_(acc)
+    return flops
+
+
+DORA_EPS = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps, which LyCORIS adds to the norm
+
+
+def dora_apply(w, patch, strength: float):
+    """A DoRA entry applied to `w` ([out, in...] flattened to 2-D, fp32): returns the new weight (fp32).
+
+    At strength 1 both trainers agree: W = m * (w + ΔW) / ||w + ΔW||, with the norm per output row
+    (PEFT's lora_magnitude_vector, a LyCORIS dora_scale of shape [out, 1]) or per input column (a
+    dora_scale of shape [1, in], LyCORIS's default before April 2025). At other strengths we follow
+    each file's trainer (the tools disagree; ComfyUI interpolates between W0 and the result, and
+    divides by ||W0|| in one case, which neither trainer does):
+      PEFT (lora_magnitude_vector): the strength scales ΔW inside the norm, as PEFT's set_adapters
+        weight does: W = m * (w + s ΔW) / ||w + s ΔW||  (diffusers' load + fuse computes exactly this).
+      LyCORIS (dora_scale): its forward() multiplier: V = w + ΔW, W = V * (s (m / (||V|| + eps) - 1) + 1).
+    Weight 0 switches an entry off (the engine skips it), so W0 stays W0 either way.
+    """
+    import torch
+
+    inner = patch.inner
+    out_dim = w.shape[0]
+    if inner.kind == "lowrank":
+        r = int(inner.down.shape[0])
+        up = inner.up.reshape(out_dim, r).to(device=w.device, dtype=torch.float32) * inner.scale
+        delta = up @ inner.down.reshape(r, -1).to(device=w.device, dtype=torch.float32)
+    else:
+        delta = _full_delta(inner, w.device).reshape(w.shape).to(torch.float32)
+    m = patch.magnitude.to(device=w.device, dtype=torch.float32)
+    if patch.dora_style == "peft":
+        v = w + strength * delta
+        return v * (m.reshape(-1, 1) / torch.linalg.vector_norm(v, dim=1, keepdim=True))
+    v = w + delta
+    if m.shape[0] == out_dim and m.numel() == out_dim:  # dora_scale [out, 1, ...]: per output row
+        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+        k = m.reshape(-1, 1) / (norm + DORA_EPS)
+        return v * (strength * (k - 1) + 1)
+    in_ch = m.numel()  # dora_scale [1, in, ...]: per input channel, over the rows and any kernel
+    v3 = v.reshape(out_dim, in_ch, -1)
+    norm = torch.linalg.vector_norm(v3, dim=(0, 2), keepdim=True)
+    k = m.reshape(1, in_ch, 1) / (norm + DORA_EPS)
+    return (v3 * (strength * (k - 1) + 1)).reshape(v.shape)
 
 
 def _chunk_rows(cols: int) -> int:

@@ -109,6 +109,12 @@ class MergeSession:
                            "originals_bytes": mg.originals_bytes(), "seconds": round(s.seconds, 4)}
         self._runtime.build(experts, scheduled, fingerprint)
         self._runtime.set_step(0, steps or 1)
+        for index, per_expert in self._runtime.entry_report(experts).items():  # issue 11: runtime cost per row
+            row = plan.rows[index]
+            row["runtime"] = per_expert
+            share = max((v["extra_linear_flops_fraction"] or 0.0) for v in per_expert.values())
+            row["mode_note"] = (f"weight schedule: runs unmerged through forward hooks, about {share * 100:.1f}% more "
+                                "linear-layer FLOPs per step on the expert it acts on (a constant weight is merged: 0%)")
         self.last_stats = {"unchanged": False, "experts": stats, "seconds": time.perf_counter() - t0,
                            "runtime": self._runtime.report(experts)}
         self._last = (fingerprint, skip_failing, [dict(r) for r in plan.rows])
