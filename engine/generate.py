@@ -171,6 +171,9 @@ class Generator:
         resolve = Path if self.settings.allow_lora_paths_outside else None
         report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
                                   resolve=resolve)
+        for row in report:  # merged into the weights (bf16/fp16/fp32 and fp8 experts) unless the engine said otherwise
+            if row.get("status") == "applied":
+                row.setdefault("mode", "merged")
         on_event("loras", report)
         # Tracked here, not on the pipeline: TI2V's image pipeline shares its modules with the text one,
         # so the hooks belong to the modules, whichever pipeline object runs them.

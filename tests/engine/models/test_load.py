@@ -13,8 +13,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 # Relative tolerance: max|latents - folder latents| / max|folder latents| after 3 steps on the demo A14B.
-# Measured on this machine: fp8_scaled 0.011, fp8_e4m3fn 0.014, Q8_0 0.001, Q5_1 ~0.01, Q4_0 ~0.03.
-TOLERANCE = {"fp8_scaled": 0.03, "fp8_e4m3fn": 0.04, "gguf-Q8_0": 0.005, "gguf-Q5_1": 0.03, "gguf-Q4_0": 0.08}
+# Measured (CPU, this seed): fp8_scaled 0.012, fp8_e4m3fn 0.012, Q8_0 0.001, Q5_1 0.0036, Q4_0 0.011.
+TOLERANCE = {"fp8_scaled": 0.03, "fp8_e4m3fn": 0.03, "gguf-Q8_0": 0.005, "gguf-Q5_1": 0.01, "gguf-Q4_0": 0.03}
 
 
 def _latents(engine, info):
