@@ -4,16 +4,40 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 log = logging.getLogger("wanstack")
 
 
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def size_bytes(text: str) -> int:
+    """'20mb', '500kb', '1.5gb', '20MiB' or plain bytes -> bytes (argparse type: one clear line on junk)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use a number with kb, mb or gb, e.g. 20mb")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
+def bounded_int(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} must be between {low} and {high}")
+        return value
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="WanStack: a local web UI for Wan 2.x video with LoRA stacks")
     p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 instead of 127.0.0.1 (reachable from the network)")
-    p.add_argument("--server-port", type=int, default=7860)
+    p.add_argument("--server-port", type=bounded_int(1, 65535), default=7860)
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs --auth)")
     p.add_argument("--share-without-auth", action="store_true",
                    help="allow --share without --auth: anyone with the link can use your GPU and see your outputs")
@@ -26,8 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
     p.add_argument("--lora-cap", action="append", default=[], metavar="TYPE=N",
                    help="most enabled LoRAs per expert for a model type, e.g. wan2.2-t2v-a14b=3 (repeatable)")
-    p.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 'queue full'")
-    p.add_argument("--max-upload", default="20mb", help="largest upload (start image, preset), e.g. 20mb")
+    p.add_argument("--queue-size", type=bounded_int(1, 1000), default=8,
+                   help="jobs that may wait (1-1000); more get 'queue full'")
+    p.add_argument("--max-upload", type=size_bytes, default="20mb",
+                   help="largest upload or request body (start image, preset), e.g. 20mb")
+    p.add_argument("--ignore-memory-plan", action="store_true",
+                   help="run requests the memory plan says cannot fit (by default they are refused with the reason)")
     p.add_argument("--no-demo", action="store_true", help="do not build the demo model when no real model is found")
     return p.parse_args(argv)
 
@@ -43,6 +71,17 @@ def check_share(args: argparse.Namespace) -> str | None:
     return None
 
 
+def clean_leftovers(dirs: dict[str, Path]) -> None:
+    """Temp files of writes that a killed process left (never under a final name), and old stream segments."""
+    import shutil
+
+    from engine.fileio import clean_stale_temps
+
+    for key in ("outputs_dir", "presets_dir", "models_dir", "loras_dir", "data_dir"):
+        clean_stale_temps(dirs[key])
+    shutil.rmtree(dirs["outputs_dir"] / ".stream", ignore_errors=True)
+
+
 def build(args: argparse.Namespace):
     """Engine + UI + the launch() keyword arguments."""
     from engine.catalog import parse_lora_caps
@@ -56,14 +95,18 @@ def build(args: argparse.Namespace):
     dirs = {k: Path(getattr(args, k)).resolve() for k in ("models_dir", "loras_dir", "presets_dir", "outputs_dir", "data_dir")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    engine = Engine(Settings(offload=args.offload, lora_caps=caps, **dirs))
+    clean_leftovers(dirs)
+    engine = Engine(Settings(offload=args.offload, lora_caps=caps, ignore_memory_plan=args.ignore_memory_plan, **dirs))
     if not args.no_demo and not any(m.ok and not m.demo for m in engine.list_models()):
         log.info("no real model in %s: using the demo model (random weights)", dirs["models_dir"])
         engine.ensure_demo_model()
 
     # a local app: no telemetry or version pings to gradio.app (read by gradio.analytics at call time)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from starlette.middleware import Middleware
+
     from ui import CSS, THEME, build_ui
+    from ui.limits import BodyLimit, body_limit_for
 
     demo = build_ui(engine)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
@@ -75,6 +118,8 @@ def build(args: argparse.Namespace):
         allowed_paths=[str(dirs["outputs_dir"])],
         blocked_paths=[str(dirs[k]) for k in ("models_dir", "loras_dir", "presets_dir", "data_dir")],
         max_file_size=args.max_upload,
+        # JSON bodies (a data: image, a huge stack) are bounded too, not only file uploads
+        app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=body_limit_for(args.max_upload))]},
         theme=THEME,
         css=CSS,
         footer_links=["api"],

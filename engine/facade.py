@@ -39,7 +39,12 @@ class Settings:
     vram_reserve_bytes: int = 1 << 30
     # The CLI names LoRA files by the user's own paths; the UI and API only by paths inside loras_dir.
     allow_lora_paths_outside: bool = False
+    ignore_memory_plan: bool = False  # --ignore-memory-plan: run requests the memory plan says cannot fit
     comfyui_dir: Path | None = None  # an existing ComfyUI models/ folder (--comfyui): its models are listed too
+    # Speed defaults for requests that say "auto" (engine/speed): app.py --attention / --compile.
+    attention: str = "auto"
+    compile: str = "auto"
+    compile_backend: str = "inductor"
 
 
 class Engine:
@@ -122,9 +127,15 @@ class Engine:
         from engine.lora.bake import merge_model
 
         info = self.find_model(model)
-        clean = (name or "").strip()
-        if not clean or clean in (".", "..") or "/" in clean or "\\" in clean:
-            raise RequestError(f"new model name {name!r} must be a plain folder name, e.g. my-model-merged")
+        clean = (name or "").strip() if isinstance(name, str) else ""
+        if (not clean or clean in (".", "..") or "/" in clean or "\\" in clean or clean.startswith(".")
+                or len(clean) > 100 or any(ord(c) < 32 or ord(c) == 127 for c in clean)):
+            raise RequestError(f"new model name {str(name)[:100]!r} must be a plain folder name of at most 100 "
+                               "characters (letters, digits, '-', '_'), e.g. my-model-merged")
+        taken = {m.id for m in self.list_models()}
+        if clean in taken or (self.settings.models_dir / clean).exists():
+            raise RequestError(f"new model name {clean!r} is already a model here; pick another name so it does "
+                               "not shadow the existing one")
         return merge_model(info.path, stack, self.settings.models_dir / clean, dtype=dtype,
                            lora_caps=self.settings.lora_caps, resolve=self.loras.path_of, progress=on_progress)
 

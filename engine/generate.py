@@ -2,6 +2,7 @@
 per-step reports and previews, decode (streaming chunks if asked), and write the MP4 atomically."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -11,7 +12,7 @@ from typing import Any, Callable
 
 from engine.catalog import HIGH, LOW, SINGLE, ModelSpec
 from engine.detect import ModelInfo
-from engine.request import Resolved, resolve_request
+from engine.request import Resolved, check_model_limits, refuse_unfit, resolve_request
 from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, StepInfo
 
 log = logging.getLogger(__name__)
@@ -98,19 +99,34 @@ class Generator:
         from engine.memory.recovery import release_memory
 
         r = resolve_request(req, spec)
-        image = _load_image(req.image, r) if req.image else None
+        check_model_limits(r, spec, _transformer_config(info.path))
         n_loras = max((len(req.stack.enabled_for(e)) for e in spec.experts), default=0)
         self.loras.check(spec, req.stack)
         snapshot = memory.snapshot()
+        reserve = req.vram_reserve_bytes or self.settings.vram_reserve_bytes
+        dtype = None if snapshot.free_vram_bytes() is not None else "fp32"
         plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
-                               choice=req.offload, reserve_bytes=req.vram_reserve_bytes or self.settings.vram_reserve_bytes,
-                               dtype=None if snapshot.free_vram_bytes() is not None else "fp32", storage=info.storage or None)
+                               choice=req.offload, reserve_bytes=reserve, dtype=dtype, storage=info.storage or None)
+        if not (req.ignore_memory_plan or getattr(self.settings, "ignore_memory_plan", False)):
+            refuse_unfit(plan, spec, r, n_loras, snapshot, req.offload, reserve, dtype, storage=info.storage or None)
+        image = _load_image(req.image, r) if req.image else None
         if n_loras:
             memory.require_stack_transient(plan.workload, plan, snapshot)
-        on_event("plan", plan.to_dict())
+        from engine.speed.run import RunSpeed
+
+        speed = RunSpeed.for_request(req, r.steps, self.settings, plan)
+        on_event("plan", {**plan.to_dict(), "speed": speed.plan.to_dict()})
         self._cancel.clear()
         started = time.perf_counter()
         notes: list[str] = []
+        if stream_video:
+            from engine.video import streaming_unavailable
+
+            why = streaming_unavailable()
+            if why:  # the player would fail on every segment; the finished MP4 is shown instead
+                stream_video = False
+                notes.append(why)
+                on_event("status", why)
         state: dict[str, Any] = {}
 
         def on_retry(message: str) -> None:
@@ -121,9 +137,10 @@ class Generator:
             pipe = self.load(info, spec)
             _set_shift(pipe, r.shift)
             run_pipe = self._pipe_for(pipe, spec, image)
-            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event)
+            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event, steps=r.steps)
             state["plan"] = current_plan
-            return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video)
+            speed.apply(list(self.experts(run_pipe, spec).values()), current_plan, on_event)
+            return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video, speed)
 
         on_event("status", f"loading {info.id}")
         try:
@@ -145,7 +162,7 @@ class Generator:
             path=str(path), seed=r.seed, frames=len(frames), width=frames[0].shape[1], height=frames[0].shape[0],
             fps=r.fps, seconds=round(seconds, 3), offload=final_plan.mode.value, loras=lora_report,
             model_type=spec.type, steps=r.steps, notes=notes, settings=settings, plan=final_plan.to_dict(),
-            peak_vram_bytes=watch.peak_vram_bytes, peak_ram_bytes=watch.peak_ram_bytes,
+            peak_vram_bytes=watch.peak_vram_bytes, peak_ram_bytes=watch.peak_ram_bytes, speed=speed.report(),
         )
 
     def _pipe_for(self, pipe, spec: ModelSpec, image):
@@ -158,7 +175,8 @@ class Generator:
             return self._i2v_pipe
         return pipe
 
-    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event) -> list[dict]:
+    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event,
+                              steps: int | None = None) -> list[dict]:
         """Merge the request's stack into the experts and put the pipeline into the plan's offload mode.
 
         The merge is exact under every offload mode (it also updates the pinned CPU copies that group
@@ -169,9 +187,13 @@ class Generator:
         if req.stack.entries:
             on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
         resolve = Path if self.settings.allow_lora_paths_outside else None
+        # Scheduled weights (issue 11): the runtime path needs the run's steps and the expert split.
+        from engine.lora.stack_runtime import high_noise_steps_of
+
+        high_steps = high_noise_steps_of(pipe, spec.boundary_ratio, steps) if steps and spec.dual_expert else None
         report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
-                                  resolve=resolve)
-        for row in report:  # merged into the weights (bf16/fp16/fp32 and fp8 experts) unless the engine said otherwise
+                                  resolve=resolve, steps=steps, high_steps=high_steps)
+        for row in report:  # merged into the weights unless the engine said otherwise (runtime)
             if row.get("status") == "applied":
                 row.setdefault("mode", "merged")
         on_event("loras", report)
@@ -183,17 +205,20 @@ class Generator:
             self._offload = wanted
         return report
 
-    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video):
+    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video, speed=None):
         import torch
 
         boundary = (spec.boundary_ratio or 0) * pipe.scheduler.config.num_train_timesteps
         last = [time.perf_counter()]
 
         def on_step(p, i, t, kwargs):
+            self.loras.set_step(i + 1, r.steps)  # scheduled LoRA weights for the next step (issue 11)
             now = time.perf_counter()
             expert = SINGLE if not spec.dual_expert else (HIGH if float(t) >= boundary else LOW)
             from engine.preview import latents_to_frames
 
+            if speed is not None:
+                speed.end_step()
             preview = latents_to_frames(kwargs["latents"])
             on_event("step", StepInfo(step=i + 1, total=r.steps, seconds=round(now - last[0], 4), expert=expert,
                                       preview=preview))
@@ -213,7 +238,8 @@ class Generator:
         if image is not None:
             args["image"] = image
         on_event("status", "denoising")
-        latents = pipe(**args).frames
+        with speed.caching(list(self.experts(pipe, spec).values())) if speed else contextlib.nullcontext():
+            latents = pipe(**args).frames
         if self._cancel.is_set():
             raise GenerationCancelled(f"stopped after the last step of {r.steps}")
         on_event("status", "decoding")
@@ -317,6 +343,17 @@ def _load_image(path: str, r: Resolved):
         raise RequestError(f"image {path} does not exist; pick an existing PNG or JPEG") from None
     except (UnidentifiedImageError, OSError) as e:
         raise RequestError(f"image {path} could not be read ({e}); use a PNG or JPEG") from None
+
+
+def _transformer_config(model_path) -> dict | None:
+    """The transformer's config.json of a diffusers folder (None for other layouts or when unreadable)."""
+    import json
+
+    path = Path(model_path) / "transformer" / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _default_out(outputs_dir, seed: int) -> Path:

@@ -135,23 +135,43 @@ def parse_json(raw: bytes | str, source: str = "uploaded file") -> Preset:
     return validate(data, source)
 
 
-def _first_number(text: str, where: str) -> tuple[float, bool]:
-    """First value of a Wan2GP time-based list '0.9,0.8,0.7'; the flag says values were dropped."""
-    parts = [p for p in text.split(",") if p.strip()]
-    if not parts:
-        return 1.0, False
+def _phase_values(text: str, where: str) -> list[float]:
+    """One Wan2GP phase: `0.9` or a time-based list `0.9,0.8,0.7` (spread evenly over the phase's steps)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+        raise PresetError(f"Wan2GP multiplier {text!r} for {where} has an empty value; write numbers like 0.9,0.8")
     try:
-        return float(parts[0]), len(parts) > 1
+        return [float(p) for p in parts]
     except ValueError:
         raise PresetError(f"Wan2GP multiplier {text!r} for {where} is not a number") from None
+
+
+def _weight(values: list[float]):
+    """A one-value list is that number; a list of equal values stays a list (it round-trips) but acts as constant."""
+    return values[0] if len(values) == 1 else values
+
+
+def _constant(values: list[float]) -> bool:
+    return all(v == values[0] for v in values)
+
+
+def lset_tokens(mult: str) -> list[str]:
+    """Wan2GP's multiplier text -> one token per LoRA: comment lines (#) dropped, `|` and whitespace separate."""
+    lines = [ln.strip() for ln in mult.replace("\r", "").split("\n")]
+    text = " ".join(ln for ln in lines if ln and not ln.startswith("#"))
+    return text.replace("|", " ").split()
 
 
 def parse_lset(raw: bytes | str, model_type: str, name: str, known_files: list[str] | None = None) -> Preset:
     """Turn a Wan2GP `.lset` file (JSON with `loras` and `loras_mult`) into a preset for `model_type`.
 
-    `loras_mult` holds one whitespace-separated token per LoRA: `1.2`, `1;0` (high;low phase),
-    `0.9,0.8` (time-based, we keep the first value) or `0;1;0` (guidance phases, the last phase is
-    the low-noise expert). `known_files` maps bare file names onto paths in the LoRA folder.
+    `loras_mult` holds one token per LoRA. Without `;` a token covers the whole run: `1.2`, or a
+    time-based list `0.9,0.8,0.7` that becomes a schedule. With `;` it gives one value or list per
+    denoising phase. On a two-expert model Wan2GP's two phases are the high- and low-noise experts
+    (`weight` and `low_noise_weight`, schedules kept). What a preset cannot say exactly gets a note:
+    three guidance phases (Wan2GP splits two of them at a guidance threshold that WanStack does not
+    have) and phases on a one-expert model. `known_files` maps bare file names onto paths in the
+    LoRA folder.
     """
     if model_type not in CATALOG:
         raise PresetError(f"model type {model_type!r} is unknown; pick a model before importing")
@@ -166,8 +186,12 @@ def parse_lset(raw: bytes | str, model_type: str, name: str, known_files: list[s
     mult = data.get("loras_mult", "")
     if not isinstance(mult, str):
         raise PresetError(".lset field 'loras_mult' must be text like '1;0 0;1 0.8'")
-    tokens = mult.split()
+    tokens = lset_tokens(mult)
     dual = len(CATALOG[model_type].experts) == 2
+    # Wan2GP's model_switch_phase: the phase after which the low-noise expert takes over (3-phase runs).
+    switch_phase = data.get("model_switch_phase", 2)
+    if switch_phase not in (1, 2):
+        switch_phase = 2
     by_name = {PurePosixPath(f).name: f for f in known_files or []}
     notes = []
     entries = []
@@ -175,35 +199,88 @@ def parse_lset(raw: bytes | str, model_type: str, name: str, known_files: list[s
         file = check_lora_file(file)
         file = by_name.get(PurePosixPath(file).name, file)
         token = tokens[i] if i < len(tokens) else "1"
-        phases = token.split(";")
-        high, dropped_h = _first_number(phases[0], file)
-        low, dropped_l = _first_number(phases[-1], file)
-        if len(phases) > 2:
-            # Guidance phases: the last runs on the low-noise expert, the earlier ones on the high-noise one.
-            earlier = [_first_number(p, file)[0] for p in phases[:-1]]
-            high = next((v for v in earlier if v != 0), 0.0)
-            notes.append(f"{file}: {len(phases)} guidance phases folded into high/low weights")
-        if dropped_h or dropped_l:
-            notes.append(f"{file}: time-based multipliers {token!r} reduced to their first value")
-        entry: dict[str, Any] = {"file": file, "weight": high, "applies_to": "both", "enabled": True}
+        phases = [_phase_values(p, file) for p in token.split(";")]
+        entry: dict[str, Any] = {"file": file, "weight": _weight(phases[0]), "applies_to": "both", "enabled": True}
+        if len(phases) > 3:
+            raise PresetError(f"Wan2GP multiplier {token!r} for {file} has {len(phases)} phases; Wan2GP has at most 3")
         if len(phases) >= 2 and not dual:
-            notes.append(f"{file}: phase multiplier {token!r} on a single-expert model; used {high:g}")
+            joined = [v for ph in phases for v in ph]
+            if not _constant(joined):
+                notes.append(
+                    f"{file}: phase multiplier {token!r} on a one-expert model: its phases are joined into the "
+                    f"schedule {':'.join(f'{v:g}' for v in joined)} spread evenly over the steps "
+                    "(Wan2GP switches phases at a guidance threshold, which WanStack does not have)")
+            entry["weight"] = _weight(joined if not _constant(joined) else joined[:1])
         elif len(phases) >= 2:
-            if high == 0 and low == 0:
-                entry["enabled"] = False
-            elif low == 0:
-                entry["applies_to"] = "high_noise"
-            elif high == 0:
-                entry.update(weight=low, applies_to="low_noise")
-            elif low != high:
-                entry["low_noise_weight"] = low
-        LoraEntry.from_dict(entry)  # range check with the engine's own rules
+            if len(phases) == 3:
+                cut = switch_phase  # phases [0, cut) run on the high-noise expert
+                high_parts, low_parts = phases[:cut], phases[cut:]
+                join_side = high_parts if len(high_parts) == 2 else low_parts
+                if not _constant([v for ph in join_side for v in ph]):
+                    notes.append(
+                        f"{file}: 3 guidance phases {token!r}: the two on the "
+                        f"{'high' if len(high_parts) == 2 else 'low'}-noise expert are joined into one schedule spread "
+                        "evenly over its steps (Wan2GP splits them at its guidance threshold, which WanStack does not have)")
+                high = [v for ph in high_parts for v in ph]
+                low = [v for ph in low_parts for v in ph]
+                high = high[:1] if _constant(high) else high
+                low = low[:1] if _constant(low) else low
+            else:
+                high, low = phases
+            if high == [0.0] and low == [0.0]:
+                entry.update(weight=0.0, enabled=False)
+            elif low == [0.0]:
+                entry.update(weight=_weight(high), applies_to="high_noise")
+            elif high == [0.0]:
+                entry.update(weight=_weight(low), applies_to="low_noise")
+            elif high == low:
+                entry["weight"] = _weight(high)
+            else:
+                entry.update(weight=_weight(high), low_noise_weight=_weight(low))
+        try:
+            LoraEntry.from_dict(entry)  # range check with the engine's own rules
+        except RequestError as e:
+            raise PresetError(f"Wan2GP multiplier {token!r}: {e}") from None
         entries.append(entry)
     prompt = data.get("prompt", "")
     if isinstance(prompt, str) and prompt.strip():
         notes.append("prompt from .lset: " + prompt.strip())
     now = _now()
     return Preset(check_name(name), model_type, entries, "\n".join(notes), now, now)
+
+
+def _lset_value(weight) -> str:
+    if isinstance(weight, (list, tuple)):
+        return ",".join(f"{float(v):g}" for v in weight)
+    return f"{float(weight):g}"
+
+
+def to_lset(preset: Preset) -> str:
+    """A Wan2GP `.lset` (JSON) of a preset: the inverse of parse_lset for everything a preset holds.
+
+    Disabled entries are written with multiplier 0 (on both phases of a two-expert model).
+    """
+    dual = len(CATALOG[preset.model_type].experts) == 2
+    loras, tokens = [], []
+    for e in preset.entries:
+        entry = LoraEntry.from_dict({k: v for k, v in e.items() if k in ("file", "weight", "applies_to",
+                                                                         "low_noise_weight", "enabled", "sha256")})
+        w, lw = _lset_value(entry.weight), None if entry.low_noise_weight is None else _lset_value(entry.low_noise_weight)
+        if not entry.enabled:
+            token = "0;0" if dual else "0"
+        elif not dual:
+            token = w
+        elif entry.applies_to == "high_noise":
+            token = f"{w};0"
+        elif entry.applies_to == "low_noise":
+            token = f"0;{w}"
+        elif lw is not None:
+            token = f"{w};{lw}"
+        else:
+            token = w
+        loras.append(PurePosixPath(entry.file).name)
+        tokens.append(token)
+    return json.dumps({"loras": loras, "loras_mult": " ".join(tokens)}, indent=1)
 
 
 def _atomic_write(path: Path, text: str) -> None:

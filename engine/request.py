@@ -45,9 +45,19 @@ def _float(name: str, value, low: float, high: float) -> float:
     return float(value)
 
 
+MAX_PROMPT_CHARS = 10_000  # Wan's text encoder reads 512 tokens; this bounds what a client can send
+
+
 def resolve_request(req: GenerationRequest, spec: ModelSpec) -> Resolved:
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise RequestError("prompt is empty; describe the video you want")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(req, name)
+        if text is not None and not isinstance(text, str):
+            raise RequestError(f"{name} must be text")
+        if text and len(text) > MAX_PROMPT_CHARS:
+            raise RequestError(f"{name} is {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted "
+                               "(the text encoder reads about 512 tokens)")
     if req.offload not in OFFLOAD_CHOICES:
         raise RequestError(f"offload {req.offload!r} must be one of {', '.join(OFFLOAD_CHOICES)}")
     m = spec.size_multiple
@@ -80,3 +90,58 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> Resolved:
         seed=seed,
         shift=_float("shift", spec.shift if req.shift is None else req.shift, 0.1, 50.0),
     )
+
+
+def check_model_limits(r: Resolved, spec: ModelSpec, transformer_config: dict | None) -> None:
+    """Sizes the model itself cannot run (past its rotary position table), refused before any torch work."""
+    if not transformer_config:
+        return
+    max_positions = transformer_config.get("rope_max_seq_len")
+    patch = transformer_config.get("patch_size") or spec.memory.patch
+    if not isinstance(max_positions, int) or not isinstance(patch, (list, tuple)) or len(patch) != 3:
+        return
+    mem = spec.memory
+    axes = (("frames", r.frames, (r.frames - 1) // mem.vae_temporal + 1, patch[0], mem.vae_temporal),
+            ("height", r.height, r.height // mem.vae_spatial, patch[1], mem.vae_spatial),
+            ("width", r.width, r.width // mem.vae_spatial, patch[2], mem.vae_spatial))
+    for name, value, latent, p, stride in axes:
+        if latent // p > max_positions:
+            if name == "frames":
+                largest = (max_positions * p - 1) * stride + 1
+            else:
+                largest = max_positions * p * stride // spec.size_multiple * spec.size_multiple
+            raise RequestError(f"{name} {value} is more than {spec.label} can run (at most {largest}: "
+                               f"{max_positions} positions per axis); lower {name} to {largest} or less")
+
+
+IGNORE_PLAN_HINT = ("or, to try anyway, pass --ignore-memory-plan (app and `engine generate`) "
+                    "or set ignore_memory_plan in the request")
+
+
+def refuse_unfit(plan, spec: ModelSpec, r: Resolved, n_loras: int, snapshot, choice: str, reserve_bytes: int,
+                 dtype: str | None, storage: str | None = None) -> None:
+    """Raise NotEnoughMemory, before any work, for a run the memory plan says cannot fit; the message gives
+    the plan's reason and the largest frame count that would fit at this size (or says to lower the size)."""
+    if plan.fits:
+        return
+    from engine.memory import plan_for
+    from engine.memory.errors import NotEnoughMemory
+
+    def fits(frames: int, height: int, width: int) -> bool:
+        return plan_for(spec, height, width, frames, loras=n_loras, snapshot=snapshot, choice=choice,
+                        reserve_bytes=reserve_bytes, dtype=dtype, storage=storage).fits
+
+    lo, hi = 0, (r.frames - 1) // 4  # frames = 4k+1; find the largest k that fits
+    if fits(1, r.height, r.width):
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(4 * mid + 1, r.height, r.width):
+                lo = mid
+            else:
+                hi = mid - 1
+        lower = f"lower frames to {4 * lo + 1} or less at {r.width}x{r.height}, or lower the resolution"
+    else:
+        lower = f"even 1 frame at {r.width}x{r.height} does not fit: lower the resolution"
+    why = next((x for x in plan.reasons if "needs" in x), plan.reasons[0] if plan.reasons else "no plan fits")
+    raise NotEnoughMemory(f"this run cannot fit in memory: {why}. "
+                          f"To run it, {lower}; {IGNORE_PLAN_HINT}.", tried=(plan.mode.value,))

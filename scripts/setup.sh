@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up WanStack in ./.venv. `--dev` adds the test tools and Debian's Chromium for the browser tests.
+# Set up WanStack in ./.venv and Debian's ffmpeg (streaming video). `--dev` adds the test tools and Debian's
+# Chromium for the browser tests.
 # torch is installed first at the pinned version: a looser requirement pulled in by another package
 # would otherwise fetch the newest CUDA build (gigabytes) on a fresh machine.
 set -euo pipefail
@@ -26,13 +27,19 @@ else
   "${PIP[@]}" -r requirements.txt
 fi
 
-if [ "$DEV" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+# System tools from Debian, as root: ffmpeg + ffprobe for Gradio's streaming video player (it runs both
+# from PATH; imageio-ffmpeg ships an ffmpeg for our own encoding but no ffprobe), and with --dev Chromium
+# for the browser tests. Without root the app still runs and turns streaming off with a note.
+APT=()
+command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || APT+=(ffmpeg)
+[ "$DEV" = 1 ] && [ ! -x /usr/bin/chromium ] && APT+=(chromium)
+if [ "${#APT[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing Debian's chromium for the browser tests"
+    echo "setup: installing Debian's ${APT[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT[@]}" >/dev/null
   else
-    echo "setup: the browser tests need /usr/bin/chromium: run 'sudo apt-get install -y chromium'" >&2
+    echo "setup: run 'sudo apt-get install -y ${APT[*]}' (ffmpeg/ffprobe: streaming video in the page; chromium: browser tests)" >&2
   fi
 fi
 echo "setup: ready"

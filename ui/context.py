@@ -14,6 +14,7 @@ from engine.types import RequestError, Stack, WanStackError
 from ui import stack_logic
 
 log = logging.getLogger(__name__)
+MAX_STACK_CHARS = 64 * 1024  # a stack of 64 entries is a few KB; larger text is not a stack
 
 
 class UIContext:
@@ -52,9 +53,12 @@ class UIContext:
             if refresh:
                 self._loras.clear()
                 self._coverage.clear()
-            if model_type not in self._loras:
-                self._loras[model_type] = self._scan(model_type)
-            return self._loras[model_type]
+            cached = self._loras.get(model_type)
+        if cached is not None:
+            return cached
+        rows = self._scan(model_type)  # file I/O outside the lock: a slow disk never stalls other tabs
+        with self._lock:
+            return self._loras.setdefault(model_type, rows)
 
     def _scan(self, model_type: str) -> list[dict[str, Any]]:
         if hasattr(self.engine, "list_loras"):
@@ -139,11 +143,15 @@ class UIContext:
         text = (text or "").strip()
         if not text:
             return Stack()
+        if len(text) > MAX_STACK_CHARS:
+            raise RequestError(f"stack is {len(text)} characters; at most {MAX_STACK_CHARS} are accepted")
         if text[0] in "[{":
             try:
                 rows = json.loads(text)
             except json.JSONDecodeError as e:
                 raise RequestError(f"stack is not valid JSON ({e}); send a list like [{{\"file\": \"a.safetensors\", \"weight\": 1}}] or a preset name") from None
+            except RecursionError:
+                raise RequestError("stack is nested too deeply; send a flat list of entries") from None
             if isinstance(rows, dict):
                 rows = rows.get("entries", rows)
             return Stack.from_list(rows)

@@ -8,6 +8,7 @@ import gradio as gr
 
 from engine.catalog import ModelSpec
 from engine.types import RequestError
+from engine.video import streaming_unavailable
 from ui.context import UIContext
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,11 @@ class ModelPanel:
         with gr.Row(equal_height=True):
             self.duration = gr.Markdown(self.duration_text(d("frames", 81), d("fps", 16)), elem_id="duration",
                                         elem_classes="small-note")
-            self.stream_video = gr.Checkbox(not (spec and spec.demo), label="Stream video while decoding",
-                                            container=False, elem_id="stream-toggle")
+            # Gradio's streaming player runs ffmpeg and ffprobe from PATH: without them, the box is off with the reason
+            no_stream = streaming_unavailable()
+            self.stream_video = gr.Checkbox(not (spec and spec.demo) and not no_stream, label="Stream video while decoding",
+                                            container=False, elem_id="stream-toggle", info=no_stream,
+                                            interactive=no_stream is None)
 
     def note(self, model_id: str | None) -> str:
         if not model_id:
@@ -120,7 +124,7 @@ class ModelPanel:
             self.duration_text(spec.frames, spec.fps),
             # Each streamed segment costs an ffmpeg mux in Gradio (~0.3 s here): worth it when decoding takes
             # tens of seconds (real models), not for the demo's one-second decode.
-            gr.update(value=not spec.demo),
+            gr.update(value=not spec.demo and streaming_unavailable() is None),
         ]
 
     @staticmethod

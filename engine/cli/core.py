@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--image", help="start image for I2V / TI2V")
-    p.add_argument("--lora", action="append", default=[], metavar="SPEC", help="PATH[=WEIGHT[,APPLIES_TO]]; repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="SPEC", help="PATH[=WEIGHT[,APPLIES_TO]], WEIGHT a number or a schedule 1.0:0.8:0.5; repeatable")
     p.add_argument("--preset", help="a named stack from --presets-dir")
     p.add_argument("--presets-dir", default="presets")
     p.add_argument("--loras-dir", default="loras", help="where preset entries are looked up")
@@ -44,6 +44,8 @@ def register(sub) -> None:
     p.add_argument("--shift", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    p.add_argument("--ignore-memory-plan", action="store_true",
+                   help="run even when the memory plan says it cannot fit (refused otherwise)")
     p.add_argument("--out", required=True, help="the MP4 to write")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -102,15 +104,18 @@ def resolve_model(model: str, models_dir: str | Path, comfyui: str | None):
 
 
 def parse_lora_spec(spec: str) -> LoraEntry:
-    """`PATH[=WEIGHT[,APPLIES_TO]]` -> LoraEntry."""
+    """`PATH[=WEIGHT[,APPLIES_TO]]` -> LoraEntry; WEIGHT is a number or a schedule `1.0:0.8:0.5`."""
     path, _, rest = spec.partition("=")
     weight, applies_to = 1.0, "both"
     if rest:
         w, _, a = rest.partition(",")
+        from engine.lora.schedule import parse_weight
+
         try:
-            weight = float(w)
+            weight = parse_weight(w)  # a number, or a schedule 1.0:0.8:0.5
         except ValueError:
-            raise RequestError(f"--lora {spec!r}: weight {w!r} is not a number (form PATH[=WEIGHT[,APPLIES_TO]])") from None
+            raise RequestError(f"--lora {spec!r}: weight {w!r} is not a number or a schedule like 1.0:0.8:0.5 "
+                               "(form PATH[=WEIGHT[,APPLIES_TO]])") from None
         applies_to = a or "both"
     if not path:
         raise RequestError(f"--lora {spec!r} has no path (form PATH[=WEIGHT[,APPLIES_TO]])")
@@ -127,7 +132,11 @@ def cmd_generate(args):
         from engine.presets import PresetStore
 
         preset = PresetStore(Path(args.presets_dir)).load(args.preset)
-        entries = [LoraEntry(**{**e.to_dict(), "file": str((loras_dir / e.file).resolve())}) for e in preset.stack.entries] + entries
+        if preset.model_type != info.type:
+            print(f"note: preset {preset.name!r} was saved for {preset.model_type}; --model is {info.type}",
+                  file=sys.stderr)
+        entries = [LoraEntry.from_dict({**e, "file": str((loras_dir / e["file"]).resolve())})
+                   for e in preset.entries] + entries
     # CLI paths are the user's own: make them absolute so they do not depend on the LoRA folder.
     entries = [LoraEntry(**{**e.to_dict(), "file": str(Path(e.file).resolve())}) for e in entries]
     if args.comfyui and args.loras_dir == "loras" and not loras_dir.is_dir():
@@ -142,6 +151,7 @@ def cmd_generate(args):
         width=args.width, height=args.height, frames=args.frames, fps=args.fps, steps=args.steps,
         guidance=args.guidance, guidance_2=args.guidance_2, seed=args.seed, shift=args.shift,
         stack=Stack(tuple(entries)), offload=args.offload, skip_failing_loras=args.skip_failing_loras,
+        ignore_memory_plan=args.ignore_memory_plan,
     )
 
     def on_event(kind, payload):

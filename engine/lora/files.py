@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,14 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _HASH_CHUNK_BYTES = 1 << 20
+MAX_HEADER_BYTES = 32 << 20  # real LoRA headers are KBs to a few MBs (kohya tag metadata); past this, not a LoRA
+MAX_TENSORS = 200_000
+MAX_DIM = 1 << 31
+MAX_NDIM = 8
+# LoRA roles by key suffix, for the shape checks every reader runs before the formats see a tensor
+_LOWRANK_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight",
+                     ".lora_down.weight", ".lora_up.weight", ".lora.down.weight", ".lora.up.weight")
+_DIFF_SUFFIXES = (".diff", ".diff_b", ".diff_m", ".lora_B.bias")
 
 
 @dataclass
@@ -30,12 +39,59 @@ class LoraFile:
     container: str = "safetensors"  # or "pickle"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
+def _not_regular(path: Path, mode: int) -> LoraFormatError:
+    kind = ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file")
+    return LoraFormatError(f"{path.name} is {kind}, not a LoRA file; only regular .safetensors files are read")
+
+
+def check_regular(path: Path) -> os.stat_result:
+    """stat() of a regular file (following symlinks); LoraFormatError for devices, FIFOs, sockets, folders."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise LoraFormatError(f"LoRA file {path} not found; check the path or rescan the LoRA folder") from None
+    except OSError as e:
+        raise LoraFormatError(f"{path.name} cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    return st
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of `path` if it is a regular file (a symlink to one is fine).
+
+    Devices, FIFOs and sockets are refused before anything is read: a symlink to /dev/zero would
+    never end, and opening a FIFO would block (O_NONBLOCK makes the open itself return at once; the
+    file is checked again on the descriptor in case it was swapped in between).
+    """
+    check_regular(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise LoraFormatError(f"LoRA file {path} not found; check the path or rescan the LoRA folder") from None
+    except OSError as e:
+        raise LoraFormatError(f"{path.name} cannot be opened: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, mode)
+    return fd
+
+
+def file_sha256(path: Path, max_bytes: int | None = None) -> str | None:
+    """sha256 of a regular file; None when `max_bytes` is given and the file is larger (not read at all)."""
+    fd = open_regular(path)
+    try:
+        if max_bytes is not None and os.fstat(fd).st_size > max_bytes:
+            return None
+        h = hashlib.sha256()
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            while chunk := f.read(_HASH_CHUNK_BYTES):
+                h.update(chunk)
+        return h.hexdigest()
+    finally:
+        os.close(fd)
 
 
 def _tensor_entries(header: dict, path: Path):
@@ -50,44 +106,98 @@ def _tensor_entries(header: dict, path: Path):
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where its data starts.
+    """The JSON header of a safetensors file (checked entry by entry) and the offset where its data starts.
 
-    Raises LoraFormatError for anything that is not a complete safetensors file, so that an empty,
-    truncated or foreign file gets one clear line instead of a library traceback.
+    Raises LoraFormatError for anything that is not a complete, well-formed safetensors file, so that an
+    empty, truncated, foreign or hand-crafted file gets one line naming it instead of a library traceback.
+    Reads at most 8 + MAX_HEADER_BYTES bytes.
     """
-    size = path.stat().st_size
-    if size == 0:
-        raise LoraFormatError(f"{path.name} is empty (0 bytes); download or copy it again")
-    with open(path, "rb") as f:
-        head = f.read(8)
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise LoraFormatError(f"{path.name} is empty (0 bytes); download or copy it again")
+        head = os.pread(fd, 8, 0)
         if len(head) < 8:
             raise LoraFormatError(f"{path.name} is not a safetensors file ({size} bytes, too short for a header)")
         (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > 100_000_000:
+        if n < 2 or n > MAX_HEADER_BYTES:
             raise LoraFormatError(f"{path.name} is not a safetensors file (no valid header); use a .safetensors LoRA")
         if 8 + n > size:
             raise LoraFormatError(f"{path.name} is truncated: its header needs {8 + n} bytes but the file has {size}; download it again")
-        raw = f.read(n)
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
+    if len(raw) != n:
+        raise LoraFormatError(f"{path.name} changed while it was read; try again")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise LoraFormatError(f"{path.name} is not a safetensors file (header is not JSON); use a .safetensors LoRA") from None
+    except RecursionError:
+        raise LoraFormatError(f"{path.name} is not a safetensors file (its header is nested too deeply)") from None
     if not isinstance(header, dict):
         raise LoraFormatError(f"{path.name} is not a safetensors file (header is not an object)")
-    data_bytes = size - 8 - n
-    needed = 0
+    check_header(header, path, size - 8 - n)
+    return header, 8 + n
+
+
+def check_header(header: dict[str, Any], path: Path, data_bytes: int) -> None:
+    """Every entry of a safetensors header well formed: metadata text to text, known dtype, shape of
+    non-negative ints, data_offsets inside the data and exactly the shape's size."""
+    meta = header.get("__metadata__")
+    if meta is not None and (not isinstance(meta, dict)
+                             or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise LoraFormatError(f"{path.name}: its __metadata__ must map text to text; the file is damaged")
+    if len(header) > MAX_TENSORS:
+        raise LoraFormatError(f"{path.name} has {len(header)} header entries; a LoRA has far fewer")
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            needed = max(needed, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise LoraFormatError(f"{path.name}: tensor {key!r} has no valid data_offsets; the file is damaged") from None
-    if needed > data_bytes:
-        raise LoraFormatError(
-            f"{path.name} is truncated: its tensors need {needed + 8 + n} bytes but the file has {size}; download it again"
-        )
-    return header, 8 + n
+        if not isinstance(info, dict):
+            raise LoraFormatError(f"{path.name}: header entry {key[:120]!r} is not a tensor description; the file is damaged")
+        dtype = info.get("dtype")
+        size = _ST_ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
+        if size is None:
+            raise LoraFormatError(f"{path.name}: tensor {key[:120]} has unsupported dtype {str(dtype)[:40]}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+                or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
+            raise LoraFormatError(f"{path.name}: tensor {key[:120]} has an invalid shape {str(shape)[:80]}; the file is damaged")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise LoraFormatError(f"{path.name}: tensor {key[:120]!r} has no valid data_offsets; the file is damaged")
+        if offsets[1] > data_bytes:
+            raise LoraFormatError(
+                f"{path.name} is truncated: tensor {key[:120]} ends at data byte {offsets[1]} but the file holds "
+                f"{data_bytes}; download it again")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * size != offsets[1] - offsets[0]:
+            raise LoraFormatError(
+                f"{path.name}: tensor {key[:120]} has shape {shape} ({numel * size} bytes) but {offsets[1] - offsets[0]} "
+                "bytes of data; the file is damaged")
+
+
+def check_lora_tensor(path: Path, key: str, shape: tuple[int, ...], floating: bool) -> None:
+    """A LoRA role's tensor shape: pairs are at least 2-D with no empty dimension (rank 0 is no LoRA), an
+    alpha is one number, a diff holds something; LoRA weights are floating point."""
+    name = path.name
+    if key.endswith(_LOWRANK_SUFFIXES):
+        if len(shape) < 2 or 0 in shape:
+            raise LoraFormatError(f"{name}: tensor {key} has shape {list(shape)}; a LoRA down/up matrix needs at least "
+                                  "2 dimensions and rank >= 1; the file is damaged")
+    elif key.endswith(".alpha"):
+        if len(shape) > 1 or (shape and shape[0] != 1):
+            raise LoraFormatError(f"{name}: alpha {key} has shape {list(shape)}; an alpha is one number; the file is damaged")
+    elif key.endswith(_DIFF_SUFFIXES):
+        if 0 in shape:
+            raise LoraFormatError(f"{name}: tensor {key} is empty (shape {list(shape)}); the file is damaged")
+    else:
+        return
+    if not floating:
+        raise LoraFormatError(f"{name}: tensor {key} is not floating point; LoRA weights are float16/bfloat16/float32")
 
 
 def read_lora_file(path: str | Path, *, allow_pickle: bool = False, sha256: str | None = None) -> LoraFile:
@@ -95,9 +205,7 @@ def read_lora_file(path: str | Path, *, allow_pickle: bool = False, sha256: str 
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise LoraFormatError(f"LoRA file {path} not found; check the path or rescan the LoRA folder")
-    size = path.stat().st_size
+    size = check_regular(path).st_size
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise LoraFormatError(
@@ -125,6 +233,7 @@ def read_lora_file(path: str | Path, *, allow_pickle: bool = False, sha256: str 
     if not tensors:
         raise LoraFormatError(f"{path.name} holds no tensors; it is not a LoRA")
     for key, t in tensors.items():
+        check_lora_tensor(path, key, tuple(t.shape), t.is_floating_point())
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise LoraFormatError(
                 f"{path.name}: tensor {key} contains NaN or Inf values; the file is damaged or its training diverged"
@@ -155,14 +264,17 @@ def _read_tensors(path: Path, header: dict[str, Any], data_start: int) -> dict[s
     import torch
 
     tensors: dict[str, Any] = {}
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         for key, info, dtype in _tensor_entries(header, path):
             start, end = (int(x) for x in info["data_offsets"])
             t = torch.empty(tuple(info.get("shape", [])), dtype=dtype)
             if t.numel() * t.element_size() != end - start:
                 raise LoraFormatError(f"{path.name}: tensor {key} size does not match its shape; the file is damaged")
-            pread_into(fd, t, data_start + start)
+            try:
+                pread_into(fd, t, data_start + start)
+            except OSError:
+                raise LoraFormatError(f"{path.name} became shorter while it was read (tensor {key}); try again") from None
             tensors[key] = t
     finally:
         os.close(fd)
@@ -223,33 +335,39 @@ def metadata_summary(metadata: dict[str, str]) -> dict[str, Any]:
 def read_lora_shapes(path: str | Path, *, sha256: str | None = None) -> LoraFile:
     """A LoraFile whose tensors are meta tensors (shape and dtype only) except the small alpha scalars.
 
-    Enough to inspect a LoRA and compute its coverage without reading its weights.
+    Enough to inspect a LoRA and compute its coverage without reading its weights: reads the header and
+    the alphas only.
     """
     import torch
-    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise LoraFormatError(f"LoRA file {path} not found; check the path or rescan the LoRA folder")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoraFormatError(f"{path.name} is a pickle file ({path.suffix}); only .safetensors LoRAs can be inspected without loading them")
-    header, _ = read_safetensors_header(path)
+    header, data_start = read_safetensors_header(path)
     tensors: dict[str, Any] = {}
     alpha_keys = []
     for key, info, dtype in _tensor_entries(header, path):
-        tensors[key] = torch.empty(info.get("shape", []), dtype=dtype, device="meta")
+        check_lora_tensor(path, key, tuple(info["shape"]), dtype.is_floating_point)
+        tensors[key] = torch.empty(info["shape"], dtype=dtype, device="meta")
         if key.endswith(".alpha"):
             alpha_keys.append(key)
     if not tensors:
         raise LoraFormatError(f"{path.name} holds no tensors; it is not a LoRA")
     if alpha_keys:
+        fd = open_regular(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in alpha_keys:
-                    tensors[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise LoraFormatError(f"{path.name} is damaged and cannot be read as safetensors: {e}") from None
-    digest = sha256 or file_sha256(path)
+            for key in alpha_keys:
+                t = torch.empty(tensors[key].shape, dtype=tensors[key].dtype)
+                try:
+                    pread_into(fd, t, data_start + header[key]["data_offsets"][0])
+                except OSError:
+                    raise LoraFormatError(f"{path.name} became shorter while it was read; try again") from None
+                if not bool(torch.isfinite(t).all()):
+                    raise LoraFormatError(f"{path.name}: alpha {key} is NaN or Inf; the file is damaged")
+                tensors[key] = t
+        finally:
+            os.close(fd)
+    digest = file_sha256(path) if sha256 is None else sha256
     return LoraFile(path, digest, path.stat().st_size, tensors, dict(header.get("__metadata__") or {}))
 
 
@@ -263,6 +381,10 @@ def _st_dtypes():
         if hasattr(torch, attr):
             table[name] = getattr(torch, attr)
     return table
+
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class _LazyDtypes(dict):

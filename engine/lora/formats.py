@@ -102,6 +102,20 @@ class Patch:
         ts = [self.diff] if self.kind == "diff" else [self.down, self.up]
         return sum(t.numel() * t.element_size() for t in ts)
 
+    def delta(self, dtype=None, device=None):
+        """The full change this patch makes at strength 1, `scale` included, shaped like the delta (fp32 default)."""
+        import torch
+
+        dtype = dtype or torch.float32
+        if self.kind == "diff":
+            return self.diff.to(device=device, dtype=dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        out = int(self.up.shape[0])
+        rank = int(self.down.shape[0])
+        up = self.up.reshape(out, rank).to(device=device, dtype=acc)
+        down = self.down.reshape(rank, -1).to(device=device, dtype=acc)
+        return ((up * self.scale) @ down).reshape(self.delta_shape()).to(dtype)
+
 
 @dataclass
 class ParsedLora:

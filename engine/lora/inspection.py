@@ -35,6 +35,8 @@ def lora_width(parsed: ParsedLora) -> int | None:
         for p in parsed.patches(slot):
             shape = p.delta_shape()
             t = p.target
+            if len(shape) < 2:  # a 1-D diff says nothing about the width (and is refused at apply)
+                continue
             if re.search(r"\.attn1\.to_[qkv]\.weight$|\.attn2\.to_q\.weight$|\.ffn\.net\.0\.proj\.weight$", t):
                 votes[shape[1]] += 1
             elif re.search(r"\.to_out\.0\.weight$|\.ffn\.net\.2\.weight$|\.attn\d\.to_[qkv]\.bias$", t):

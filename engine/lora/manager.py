@@ -9,17 +9,20 @@ from typing import Any, Callable
 
 from engine.catalog import EXPERT_COMPONENT, ModelSpec
 from engine.lora.errors import LoraCapExceeded, LoraFormatError, LoraIncompatibleError
-from engine.lora.files import PICKLE_SUFFIXES, file_sha256, read_lora_file, read_lora_shapes
+from engine.lora.files import PICKLE_SUFFIXES, check_regular, file_sha256, read_lora_file, read_lora_shapes
 from engine.lora.formats import LOW, MAIN, ParsedLora, parse_lora
 from engine.lora.inspection import (
     Coverage, check_family, coverage, describe, expert_hint, file_coverage, lora_width, width_of_shapes,
 )
 from engine.lora.merge import Contribution, ModuleMerger, WeightSource, model_param_shapes, transformer_config
+from engine.lora.schedule import constant_value, format_weight, is_constant, strength_for_expert
+from engine.lora.stack_runtime import StackRuntime, split_scheduled
 from engine.types import LoraEntry, RequestError, Stack
 
 log = logging.getLogger(__name__)
 
 Resolver = Callable[[str], Path]
+LIST_HASH_MAX_BYTES = 4 << 30  # the listing never reads more of one file; larger ones are hashed when used
 
 
 def slot_for(parsed: ParsedLora, expert: str) -> str:
@@ -42,6 +45,7 @@ class LoraManager:
         self._describe: dict[str, dict[str, Any]] = {}  # sha256 -> describe() of the header-only parse
         self._mergers: dict[int, ModuleMerger] = {}
         self._last: tuple | None = None  # (expert module ids, fingerprint, skip_failing, results)
+        self._runtime = StackRuntime()  # scheduled entries of the applied stack (forward hooks)
         self.last_stats: dict[str, Any] = {}
 
     # -- files -----------------------------------------------------------------------------------
@@ -59,14 +63,18 @@ class LoraManager:
             raise RequestError(f"LoRA file {file} points outside the LoRA folder {self.loras_dir}; use a path inside it")
         return full
 
-    def sha256_of(self, path: Path) -> str:
-        """sha256 of a file, cached by (path, size, mtime) so an unchanged file is hashed once."""
-        st = path.stat()
+    def sha256_of(self, path: Path, max_bytes: int | None = None) -> str | None:
+        """sha256 of a file, cached by (path, size, mtime) so an unchanged file is hashed once.
+
+        With `max_bytes` (listing), a larger file is not read and gives None; it is hashed when used.
+        """
+        st = check_regular(path)
         key = (str(path), st.st_size, st.st_mtime_ns)
         sha = self._sha_by_stat.get(key)
         if sha is None:
-            sha = file_sha256(path)
-            self._sha_by_stat[key] = sha
+            sha = file_sha256(path, max_bytes)
+            if sha is not None:
+                self._sha_by_stat[key] = sha
         return sha
 
     def load(self, path: str | Path) -> ParsedLora:
@@ -145,21 +153,31 @@ class LoraManager:
         rows: list[dict[str, Any]] = []
         if not self.loras_dir.is_dir():
             return rows
+        root = self.loras_dir.resolve()
         for path in sorted(self.loras_dir.rglob("*.safetensors")):
             rel = path.relative_to(self.loras_dir).as_posix()
             row: dict[str, Any] = {"file": rel}
             try:
-                sha = self.sha256_of(path)
-                info = self._describe.get(sha)
+                check_regular(path)
+                if not path.resolve().is_relative_to(root):
+                    raise LoraFormatError(f"{rel} is a link to a file outside the LoRA folder; copy the file in instead")
+                sha = self.sha256_of(path, max_bytes=LIST_HASH_MAX_BYTES)
+                st = path.stat()
+                cache_key = sha or f"unhashed:{path}:{st.st_size}:{st.st_mtime_ns}"
+                info = self._describe.get(cache_key)
                 if info is None:
-                    parsed = parse_lora(read_lora_shapes(path, sha256=sha))
+                    parsed = parse_lora(read_lora_shapes(path, sha256=sha or ""))
                     info = describe(parsed, path.name)
                     info["_width"] = lora_width(parsed)
-                    self._describe[sha] = info
-                row.update({k: v for k, v in info.items() if not k.startswith("_")}, file=rel, ok=True)
+                    self._describe[cache_key] = info
+                row.update({k: v for k, v in info.items() if not k.startswith("_")}, file=rel, ok=True,
+                           sha256=sha)
                 row["compatible"], row["reason"] = self._list_compat(info, spec)
             except (LoraFormatError, LoraIncompatibleError, OSError) as e:
                 row.update(ok=False, compatible=False, reason=str(e))
+            except Exception as e:  # noqa: BLE001 - one odd file must never break the listing of the others
+                log.exception("reading %s for the LoRA list failed", rel)
+                row.update(ok=False, compatible=False, reason=f"{rel} could not be read ({type(e).__name__}: {e})")
             rows.append(row)
         return rows
 
@@ -198,15 +216,19 @@ class LoraManager:
                         f"{e.file} is set to {e.applies_to}, but {spec.label} has one expert; it acts on that expert"
                     )
                 if e.enabled and e.low_noise_weight is not None:
-                    warnings.append(f"{e.file}: low_noise_weight is ignored on {spec.label} (one expert); weight {e.weight:g} is used")
+                    warnings.append(f"{e.file}: low_noise_weight is ignored on {spec.label} (one expert); weight {format_weight(e.weight)} is used")
         return warnings
 
     def apply(self, experts: dict[str, Any], spec: ModelSpec, stack: Stack, *, skip_failing: bool = False,
-              resolve: Resolver | None = None) -> list[dict[str, Any]]:
+              resolve: Resolver | None = None, steps: int | None = None,
+              high_steps: int | None = None) -> list[dict[str, Any]]:
         """Merge `stack` into the experts' weights (exactly, in place) and report per entry.
 
         `experts` maps 'high_noise'/'low_noise' (or 'single') to the transformer module. An unchanged
         stack does nothing; a changed one re-merges only the parameters whose contributions changed.
+        Entries with a weight schedule are not merged: they act through runtime hooks whose strength
+        `set_step()` sets before each step; `high_steps` (how many of the run's `steps` the high-noise
+        expert takes) places the schedules of phase-specific entries.
         """
         t0 = time.perf_counter()
         bad = [e for e in experts if e not in spec.experts]
@@ -215,24 +237,31 @@ class LoraManager:
         global_warnings = self.check(spec, stack)
         paths, hashes, results = self._resolve_files(stack, skip_failing, resolve)
         module_ids = tuple((name, id(m)) for name, m in sorted(experts.items()))
-        fingerprint = stack.fingerprint(hashes)
+        fingerprint = (stack.fingerprint(hashes), high_steps if stack_scheduled(stack) else None)
         if self._last is not None and self._last[:3] == (module_ids, fingerprint, skip_failing):
-            self.last_stats = {"unchanged": True, "seconds": time.perf_counter() - t0}
+            self._runtime.set_step(0, steps or 1)
+            self.last_stats = {"unchanged": True, "seconds": time.perf_counter() - t0,
+                               "runtime": self._runtime.report(experts)}
             return [dict(r) for r in self._last[3]]
+        self._runtime.detach()  # hooks off and rewritten parameters back before anything is re-merged
 
         self._pinned |= set(hashes.values())  # the files being applied stay cached while the others load
         mergers = {name: self._merger(m) for name, m in experts.items()}
         shapes = {name: mg.shapes() for name, mg in mergers.items()}
-        desired = self._desired(spec, stack, shapes, paths, results, skip_failing)
+        desired = self._desired(spec, stack, shapes, paths, results, skip_failing, high_steps)
+        desired, scheduled = split_scheduled(desired)
         stats = {}
         for name, mg in mergers.items():
             s = mg.set(desired[name])
             stats[name] = {"written": s.written, "restored": s.restored, "unchanged": s.unchanged,
                            "file_backed": s.file_backed, "copied_bytes": s.copied_bytes,
                            "originals_bytes": mg.originals_bytes(), "seconds": round(s.seconds, 4)}
+        self._runtime.build(experts, scheduled, fingerprint)
+        self._runtime.set_step(0, steps or 1)
         for row in results:
             row["warnings"] = global_warnings_for(row["file"], global_warnings) + row["warnings"]
-        self.last_stats = {"unchanged": False, "experts": stats, "seconds": time.perf_counter() - t0}
+        self.last_stats = {"unchanged": False, "experts": stats, "seconds": time.perf_counter() - t0,
+                           "runtime": self._runtime.report(experts)}
         self._last = (module_ids, fingerprint, skip_failing, [dict(r) for r in results])
         self._pinned = {r["sha256"] for r in results if r["status"] == "applied" and r["sha256"]}
         self._evict()
@@ -253,6 +282,11 @@ class LoraManager:
             raise RequestError(f"experts {bad} are not experts of {spec.type} ({', '.join(spec.experts)})")
         global_warnings = self.check(spec, stack)
         paths, _hashes, results = self._resolve_files(stack, skip_failing, resolve)
+        scheduled = [e.file for e in stack.entries if e.enabled and e.scheduled]
+        if scheduled:
+            raise RequestError(
+                f"{scheduled[0]} has a weight schedule; a baked model holds one fixed weight per LoRA, "
+                "so give it a single number here (schedules apply at generation time)")
         desired = self._desired(spec, stack, shapes, paths, results, skip_failing)
         for row in results:
             row["warnings"] = global_warnings_for(row["file"], global_warnings) + row["warnings"]
@@ -282,7 +316,8 @@ class LoraManager:
         return paths, hashes, results
 
     def _desired(self, spec: ModelSpec, stack: Stack, shapes: dict[str, dict], paths: dict[int, Path],
-                 results: list[dict[str, Any]], skip_failing: bool) -> dict[str, dict[str, list[Contribution]]]:
+                 results: list[dict[str, Any]], skip_failing: bool,
+                 high_steps: int | None = None) -> dict[str, dict[str, list[Contribution]]]:
         """Contributions per expert and parameter, in stack order; fills coverage into `results`."""
         model_width = width_of_shapes(next(iter(shapes.values()))) if shapes else None
         desired: dict[str, dict[str, list[Contribution]]] = {name: {} for name in shapes}
@@ -293,7 +328,7 @@ class LoraManager:
             try:
                 parsed = self.load(paths[i])
                 check_family(parsed, model_width, spec.label, entry.file)
-                plan = self._plan_entry(i, entry, parsed, spec, shapes, shapes, row)
+                plan = self._plan_entry(i, entry, parsed, spec, shapes, shapes, row, high_steps)
             except (LoraFormatError, LoraIncompatibleError) as e:
                 if not skip_failing:
                     raise
@@ -305,14 +340,20 @@ class LoraManager:
         return desired
 
     def _plan_entry(self, i: int, entry: LoraEntry, parsed: ParsedLora, spec: ModelSpec, experts: dict[str, Any],
-                    shapes: dict[str, dict], row: dict[str, Any]) -> dict[str, list[Contribution]]:
-        """Coverage per expert and the contributions this entry adds; raises when nothing of it fits."""
+                    shapes: dict[str, dict], row: dict[str, Any],
+                    high_steps: int | None = None) -> dict[str, list[Contribution]]:
+        """Coverage per expert and the contributions this entry adds; raises when nothing of it fits.
+
+        A constant weight (a number or a list of equal values) is merged; a schedule gives
+        contributions with a per-step strength function (runtime path)."""
         per: dict[str, Coverage] = {}
         plan: dict[str, list[Contribution]] = {}
         used_slots: set[str] = set()
         acting_applied = 0
+        modes: dict[str, str] = {}
         for expert in experts:
-            w = entry.weight_for(expert)
+            sched = entry.schedule_for(expert)
+            w = constant_value(sched) if is_constant(sched) else list(sched)
             row["weights"][expert] = w
             slot = slot_for(parsed, expert)
             if entry.applies_to not in ("both", expert) and expert != "single":
@@ -320,9 +361,16 @@ class LoraManager:
             cov = coverage(parsed, slot, shapes[expert])
             per[expert] = cov
             used_slots.add(slot)
-            if w != 0.0:
+            if not is_constant(sched):
+                whole_run = not spec.dual_expert or (entry.applies_to == "both" and entry.low_noise_weight is None)
+                fn = strength_for_expert(sched, whole_run, expert, high_steps)
+                acting_applied += len(cov.applied_keys)
+                plan[expert] = [Contribution((parsed.sha256, slot, tuple(sched), i), p, 1.0, fn) for p in cov.patches]
+                modes[expert] = "runtime"
+            elif w != 0.0:
                 acting_applied += len(cov.applied_keys)
                 plan[expert] = [Contribution((parsed.sha256, slot, w, i), p, w) for p in cov.patches]
+                modes[expert] = "merged"
         hint = expert_hint(entry.file)
         if spec.dual_expert and hint and not parsed.two_expert and entry.applies_to not in (hint,):
             row["warnings"].append(f"{entry.file}: the file name suggests {hint}, but the entry applies to {entry.applies_to}")
@@ -341,12 +389,20 @@ class LoraManager:
                 "it is not a LoRA for this model"
             )
         row["status"] = "applied" if plan else "skipped"
+        if plan:
+            row["mode"] = "runtime" if "runtime" in modes.values() else "merged"
+            row["mode_by_expert"] = modes
         if not plan:
             row["reason"] = "weight 0 on every expert it acts on" if per else "acts on no expert of this model"
         return plan
 
+    def set_step(self, step_index: int, total_steps: int) -> None:
+        """Set the scheduled entries' strengths for the next step (called before each denoising step)."""
+        self._runtime.set_step(step_index, total_steps)
+
     def remove(self, experts: dict[str, Any]) -> None:
         """Restore W0 in every expert (bit for bit)."""
+        self._runtime.detach()
         for module in experts.values():
             mg = self._mergers.get(id(module))
             if mg is not None and mg.module is module:
@@ -356,6 +412,7 @@ class LoraManager:
 
     def forget(self, experts: dict[str, Any]) -> None:
         """Drop the merge state of modules being unloaded (after remove(), or when they are discarded)."""
+        self._runtime.detach()
         for module in experts.values():
             self._mergers.pop(id(module), None)
         self._last = None
@@ -372,6 +429,10 @@ class LoraManager:
             mg = ModuleMerger(module)
             self._mergers[id(module)] = mg
         return mg
+
+
+def stack_scheduled(stack: Stack) -> bool:
+    return any(e.enabled and e.scheduled for e in stack.entries)
 
 
 def global_warnings_for(file: str, warnings: list[str]) -> list[str]:

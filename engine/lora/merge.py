@@ -196,6 +196,7 @@ class Contribution:
     key: tuple  # (sha256, slot, weight): what makes this contribution distinct
     patch: Any  # engine.lora.formats.Patch
     weight: float
+    schedule: Any = None  # a (step, total) -> strength function: runtime path, never merged
 
 
 @dataclass

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 
 import pytest
+
+from engine.video import probe_video
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -30,11 +31,8 @@ def test_generate_with_stack_gives_playable_mp4(client):
                         {"file": "demo/motion-comfy.safetensors", "weight": -1.5}])
     path, summary_text = generate(client, stack)
     summary = json.loads(summary_text)
-    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-                            "stream=codec_name,width,height,nb_read_frames", "-of", "json", path],
-                           capture_output=True, text=True, check=True)
-    stream = json.loads(probe.stdout)["streams"][0]
-    assert (stream["codec_name"], stream["width"], stream["height"], int(stream["nb_read_frames"])) == ("h264", 64, 64, 9)
+    probe = probe_video(path)  # imageio-ffmpeg's own ffmpeg: no system tool needed
+    assert (probe.codec, probe.width, probe.height, probe.frames) == ("h264", 64, 64, 9)
     assert summary["seed"] == 7 and summary["frames"] == 9 and summary["path"].endswith(".mp4")
     assert [r["file"] for r in summary["loras"]] == ["demo/style-peft.safetensors", "demo/motion-comfy.safetensors"]
     assert all(r["status"] == "applied" for r in summary["loras"])

@@ -3,12 +3,13 @@ generate with live previews into a playing MP4, and stop a run midway."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 from pathlib import Path
 
 import pytest
+
+from engine.video import probe_video
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "e2e"
 
@@ -159,11 +160,8 @@ def test_stack_preset_generate_stop(page, app_server):
     assert body[4:8] == b"ftyp"
     mp4 = ARTIFACTS / "generated.mp4"
     mp4.write_bytes(body)
-    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-                            "stream=nb_read_frames,codec_name", "-of", "json", str(mp4)],
-                           capture_output=True, text=True, check=True)
-    stream = json.loads(probe.stdout)["streams"][0]
-    assert stream["codec_name"] == "h264" and int(stream["nb_read_frames"]) == 9
+    probe = probe_video(mp4)  # imageio-ffmpeg's own ffmpeg: no system tool needed
+    assert probe.codec == "h264" and probe.frames == 9
 
     # stop mid-run: the app says where it stopped and is ready again
     page.fill("#steps input", "60")

@@ -147,7 +147,7 @@ def test_lset_import_maps_phase_multipliers_onto_experts():
     assert rows[0] == {"file": "speed/lightx2v_high.safetensors", "weight": 1.0, "applies_to": "high_noise", "enabled": True}
     assert rows[1] == {"file": "lightx2v_low.safetensors", "weight": 1.0, "applies_to": "low_noise", "enabled": True}
     assert rows[2]["weight"] == 0.8 and rows[2]["applies_to"] == "both"
-    assert rows[3]["weight"] == 0.9 and "time-based" in preset.notes
+    assert rows[3]["weight"] == [0.9, 0.8, 0.7]  # a time-based list is kept as a schedule (issue 11)
     assert rows[4]["enabled"] is False
     assert "prompt from .lset: a cat" in preset.notes
 
@@ -156,7 +156,7 @@ def test_lset_import_maps_phase_multipliers_onto_experts():
     missing_mult = parse_lset(json.dumps({"loras": ["a.safetensors", "b.safetensors"], "loras_mult": "0.7"}), T2V, "m")
     assert [e["weight"] for e in missing_mult.entries] == [0.7, 1.0]
     single = parse_lset(json.dumps({"loras": ["a.safetensors"], "loras_mult": "1;0"}), T2V, "one")
-    assert single.entries[0]["weight"] == 1.0 and "single-expert" in single.notes
+    assert single.entries[0]["weight"] == [1.0, 0.0] and "one-expert model" in single.notes
 
 
 def test_lset_errors(tmp_path):

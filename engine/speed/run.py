@@ -1,0 +1,70 @@
+"""The speed side of one generation, as the Generator sees it: plan, apply, cache the denoising loop, report.
+
+Keeps engine/generate.py's hook points to one line each.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+from engine.speed.cache import StepCounter, step_cache
+from engine.speed.options import SpeedOptions
+from engine.speed.plan import SpeedPlan, apply_speed, plan_speed_here, resolve_options
+
+
+class RunSpeed:
+    def __init__(self, options: SpeedOptions, steps: int, compile_backend: str = "inductor",
+                 runtime_loras: bool = False):
+        self.options = options
+        self.steps = steps
+        self.compile_backend = compile_backend
+        self.runtime_loras = runtime_loras
+        self.plan: SpeedPlan | None = None
+        self.applied: dict[str, Any] = {}
+        self.counter: StepCounter | None = None
+
+    @classmethod
+    def for_request(cls, req, steps: int, settings, memory_plan) -> "RunSpeed":
+        options = resolve_options(getattr(req, "speed", None), getattr(settings, "attention", "auto"),
+                                  getattr(settings, "compile", "auto"))
+        runtime = any(getattr(e, "mode", None) == "runtime" or isinstance(getattr(e, "weight", None), (list, tuple))
+                      for e in req.stack.entries if e.enabled)
+        run = cls(options, steps, getattr(settings, "compile_backend", "inductor"), runtime)
+        run.replan(memory_plan)
+        return run
+
+    def replan(self, memory_plan) -> SpeedPlan:
+        """Plan for the memory plan in force (an out-of-memory retry may move to an offload compile avoids)."""
+        self.plan = plan_speed_here(self.options, _device(memory_plan), self.steps, memory_plan.mode.value,
+                                    runtime_loras=self.runtime_loras, compile_backend=self.compile_backend)
+        return self.plan
+
+    def apply(self, transformers: list, memory_plan, on_event: Callable[[str, Any], None]) -> None:
+        self.replan(memory_plan)
+        self.applied = apply_speed(transformers, self.plan, _device(memory_plan))
+        if self.applied["attention"]["backend"] != self.plan.attention.backend:
+            on_event("status", f"attention: {self.applied['attention']['reason']}")
+        if self.applied["compile"]["compiled_now"]:
+            on_event("status", "compiling the transformer blocks (first run of this model only)")
+
+    @contextlib.contextmanager
+    def caching(self, transformers: list):
+        with step_cache(transformers, self.plan.cache) as counter:
+            self.counter = counter
+            yield counter
+
+    def end_step(self) -> None:
+        if self.counter is not None:
+            self.counter.end_step()
+
+    def report(self) -> dict[str, Any]:
+        out = dict(self.applied) if self.applied else (self.plan.to_dict() if self.plan else {})
+        if self.counter is not None:
+            out["cache"] = {**out.get("cache", {}), **self.counter.to_dict()}
+        return out
+
+
+def _device(memory_plan):
+    import torch
+
+    return torch.device("cuda" if memory_plan.device == "cuda" else "cpu")
