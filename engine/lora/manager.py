@@ -250,6 +250,7 @@ class LoraManager:
         shapes = {name: mg.shapes() for name, mg in mergers.items()}
         desired = self._desired(spec, stack, shapes, paths, results, skip_failing, high_steps)
         desired, scheduled = split_scheduled(desired)
+        desired, scheduled = _runtime_where_unmergeable(mergers, desired, scheduled, results)
         stats = {}
         for name, mg in mergers.items():
             s = mg.set(desired[name])
@@ -433,6 +434,24 @@ class LoraManager:
 
 def stack_scheduled(stack: Stack) -> bool:
     return any(e.enabled and e.scheduled for e in stack.entries)
+
+
+def _runtime_where_unmergeable(mergers: dict[str, ModuleMerger], desired, scheduled, results):
+    """Experts with block-quantized (GGUF) weights take the whole stack through the runtime path (issue 10):
+    their constant entries become runtime entries of constant strength, reported as mode "runtime"."""
+    for expert, mg in mergers.items():
+        params = desired.get(expert, {})
+        if not params or all(mg.mergeable(n) for n in params):
+            continue
+        for name, contribs in params.items():
+            for c in contribs:
+                runtime_c = Contribution(c.key, c.patch, 1.0, c.weight)
+                scheduled.setdefault(expert, {}).setdefault(c.key, []).append(runtime_c)
+                row = results[c.key[3]]
+                row.setdefault("mode_by_expert", {})[expert] = "runtime"
+                row["mode"] = "runtime"
+        desired[expert] = {}
+    return desired, scheduled
 
 
 def global_warnings_for(file: str, warnings: list[str]) -> list[str]:

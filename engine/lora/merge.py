@@ -254,7 +254,12 @@ class ModuleMerger:
         return self._module()
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self.params.items()}
+        # GGUF parameters hold bytes; their `quant_shape` is the weight's logical shape
+        return {n: tuple(getattr(p, "quant_shape", None) or p.shape) for n, p in self.params.items()}
+
+    def mergeable(self, name: str) -> bool:
+        """False for weights stored quantized in blocks (GGUF): LoRAs act on them at runtime instead."""
+        return getattr(self.params.get(name), "quant_type", None) is None
 
     def originals_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.originals.values())

@@ -118,7 +118,10 @@ def write_gguf(module, path: Path, qtype: str = "Q8_0", small: int = 1024) -> Pa
             qt = q
             if name.endswith("ffn.2.weight") and qtype in ("Q4_0", "Q5_0"):
                 qt = gguf.GGMLQuantizationType[qtype[:2] + "_1"]
-            data = gguf.quants.quantize(arr, qt)
+            try:
+                data = gguf.quants.quantize(arr, qt)
+            except NotImplementedError:  # gguf-py dequantizes K-quants but cannot quantize them
+                data = _synthetic_blocks(arr.shape, qt)
             writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qt)
         else:
             bf = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16)
@@ -129,6 +132,20 @@ def write_gguf(module, path: Path, qtype: str = "Q8_0", small: int = 1024) -> Pa
     writer.close()
     del torch
     return path
+
+
+def _synthetic_blocks(shape: tuple[int, ...], qtype):
+    """Valid blocks of a quant type gguf-py cannot write (the K-quants): seeded random bytes no larger than
+    0x3B, so every fp16 block scale is finite and below 1. Tests compare against gguf's own dequantizer."""
+    import gguf
+    import numpy as np
+
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    if cols % block:
+        raise ValueError(f"{qtype} needs rows of a multiple of {block} values, got {cols}")
+    rng = np.random.default_rng(rows * 1_000_003 + cols)
+    return rng.integers(0, 0x3C, size=(rows, cols // block * type_size), dtype=np.uint8)
 
 
 def write_text_encoder(module, path: Path, storage: str = "fp32", layout: str = "comfy") -> Path:
