@@ -104,7 +104,10 @@ class Engine:
         if self._loras is None:
             from engine.lora import LoraManager
 
-            self._loras = LoraManager(self.settings.loras_dir)
+            extra = {}
+            if self.settings.comfyui_dir is not None and (Path(self.settings.comfyui_dir) / "loras").is_dir():
+                extra["comfyui"] = Path(self.settings.comfyui_dir) / "loras"  # --comfyui: its loras/ joins ours
+            self._loras = LoraManager(self.settings.loras_dir, extra_dirs=extra)
         return self._loras
 
     def list_loras(self, model_type: str | None = None) -> list[dict]:
