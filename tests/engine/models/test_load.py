@@ -103,3 +103,28 @@ def test_scaled_fp8_without_its_scales_would_be_wrong(comfy_tree):
     want = x @ (raw.float() * scale).T + layer.bias
     assert torch.allclose(layer(x), want, atol=1e-6)
     assert not torch.allclose(layer(x), x @ raw.float().T + layer.bias, atol=1e-3)
+
+
+def test_wan2gp_text_encoder_layout_and_tokenizer_in_its_folder(demo_model, tmp_path):
+    """Wan2GP keeps umt5 in the original Wan names (token_embedding, blocks.N.attn.q, ...) with the tokenizer
+    files in the same folder: found without a hub, and it encodes exactly like the diffusers folder's encoder."""
+    import torch
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from engine.models.load import load_text_encoder, load_tokenizer
+    from engine.models.recipes import find_tokenizer
+    from engine.models.testdata import write_text_encoder
+
+    demo = demo_model("wan2.2-t2v-a14b")
+    ref = UMT5EncoderModel.from_pretrained(demo, subfolder="text_encoder", torch_dtype=torch.float32).eval()
+    folder = tmp_path / "umt5-xxl"
+    path = write_text_encoder(ref, folder / "models_t5_umt5-xxl-enc-bf16.safetensors", "fp32", layout="wan")
+    shutil.copytree(demo / "tokenizer", folder, dirs_exist_ok=True)
+    tok_path = find_tokenizer(str(path), [], demo=True)
+    assert tok_path == str(folder)
+    te = load_text_encoder(str(path), torch.float32)
+    tok = load_tokenizer(tok_path, te)
+    ids = tok(["a fox in the snow"], return_tensors="pt").input_ids
+    assert torch.equal(ids, AutoTokenizer.from_pretrained(demo / "tokenizer")(["a fox in the snow"], return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.equal(te(ids).last_hidden_state, ref(ids).last_hidden_state)
