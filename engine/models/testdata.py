@@ -198,6 +198,16 @@ def write_vae(module, path: Path) -> Path:
     return _save({names[k]: v.detach().float() for k, v in sd.items()}, path, config)
 
 
+def write_image_encoder(module, processor, path: Path) -> Path:
+    """The CLIP vision tower as ComfyUI's clip_vision_h.safetensors stores it (transformers names), fp32."""
+    config = {k: v for k, v in module.config.to_dict().items() if not k.startswith("_")
+              and k not in ("transformers_version", "torch_dtype", "dtype")}
+    proc = {k: v for k, v in processor.to_dict().items() if not k.startswith("_") and k != "image_processor_type"}
+    config["image_processor"] = proc
+    return _save({(k if k.startswith("vision_model.") else f"vision_model.{k}"): v.detach().float()
+                  for k, v in module.state_dict().items()}, path, config)
+
+
 def build_comfyui_tree(demo_folder: str | Path, out: str | Path, *, storages=("fp32",), gguf_types=(),
                        prefixes=("",), loras_from: str | Path | None = None, te_storages=("fp32",),
                        vae_name: str | None = None) -> Path:
@@ -231,6 +241,12 @@ def build_comfyui_tree(demo_folder: str | Path, out: str | Path, *, storages=("f
     vae = AutoencoderKLWan.from_pretrained(demo, subfolder="vae", torch_dtype=torch.float32)
     default_vae = "wan2.2_vae.safetensors" if arch == "wan2.2-ti2v-5b" else "wan_2.1_vae.safetensors"
     write_vae(vae, out / "vae" / (vae_name or default_vae))
+    if (demo / "image_encoder").is_dir():
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        enc = CLIPVisionModel.from_pretrained(demo, subfolder="image_encoder", torch_dtype=torch.float32)
+        proc = CLIPImageProcessor.from_pretrained(demo, subfolder="image_processor")
+        write_image_encoder(enc, proc, out / "clip_vision" / "clip_vision_h.safetensors")
     if loras_from is not None and Path(loras_from).is_dir():
         shutil.copytree(loras_from, out / "loras", dirs_exist_ok=True)
     return out

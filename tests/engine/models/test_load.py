@@ -128,3 +128,31 @@ def test_wan2gp_text_encoder_layout_and_tokenizer_in_its_folder(demo_model, tmp_
     assert torch.equal(ids, AutoTokenizer.from_pretrained(demo / "tokenizer")(["a fox in the snow"], return_tensors="pt").input_ids)
     with torch.no_grad():
         assert torch.equal(te(ids).last_hidden_state, ref(ids).last_hidden_state)
+
+
+def test_wan21_i2v_from_single_files_with_clip_vision_equals_the_folder(demo_model, tmp_path):
+    """The I2V image branch (img_emb, k_img/v_img) and ComfyUI's clip_vision_h layout, end to end."""
+    import torch
+    from PIL import Image
+
+    from engine.facade import Engine, Settings
+    from engine.generate import Generator
+    from engine.models.testdata import build_comfyui_tree
+
+    demo = demo_model("wan2.1-i2v-14b")
+    tree = build_comfyui_tree(demo, tmp_path / "comfy", storages=("fp32",))
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "demo").symlink_to(demo)
+    engine = Engine(Settings(models_dir=models, comfyui_dir=tree))
+    infos = {m.id: m for m in engine.list_models()}
+    single = infos["wan2.1_i2v_480p_14B_fp32"]
+    assert single.ok and single.files["image_encoder"].endswith("clip_vision/clip_vision_h.safetensors")
+    image = Image.new("RGB", (64, 64), (200, 40, 40))
+
+    def latents(info):
+        pipe = Generator(engine.settings, engine.loras).load(info, engine.spec(info.type))
+        return pipe(image=image, prompt="a cat", height=64, width=64, num_frames=9, num_inference_steps=2,
+                    guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(1), output_type="latent").frames
+
+    assert torch.equal(latents(infos["demo"]), latents(single))
