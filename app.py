@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+from engine.types import OFFLOAD_CHOICES
+
 log = logging.getLogger("wanstack")
 
 
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--presets-dir", default="presets")
     p.add_argument("--outputs-dir", default="outputs")
     p.add_argument("--data-dir", default="data", help="where the demo model is built when models/ has none")
-    p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
     p.add_argument("--lora-cap", action="append", default=[], metavar="TYPE=N",
                    help="most enabled LoRAs per expert for a model type, e.g. wan2.2-t2v-a14b=3 (repeatable)")
     p.add_argument("--queue-size", type=bounded_int(1, 1000), default=8,
@@ -107,7 +109,7 @@ def build(args: argparse.Namespace):
             raise SystemExit(f"error: {e}") from None
     engine = Engine(Settings(offload=args.offload, lora_caps=caps, ignore_memory_plan=args.ignore_memory_plan,
                              comfyui_dir=comfyui, **dirs))
-    if not args.no_demo and not any(m.ok and not m.demo for m in engine.list_models()):
+    if not args.no_demo and not any(m.ok and not m.demo for m in engine.model_infos()):
         log.info("no real model in %s: using the demo model (random weights)", dirs["models_dir"])
         engine.ensure_demo_model()
 

@@ -136,7 +136,7 @@ def side_ours(workdir: Path, small: bool, repeats: int = 3) -> dict:
     Peak RSS growth is measured over the first cycle from a clean baseline.
     """
     sys.path.insert(0, str(ROOT))
-    import engine.lora.manager as manager_mod
+    import engine.lora.library as manager_mod
     from engine.catalog import get_spec
     from engine.lora import LoraManager
     from engine.types import LoraEntry, Stack
@@ -171,7 +171,7 @@ def side_ours(workdir: Path, small: bool, repeats: int = 3) -> dict:
         mgr.apply(experts, spec, changed)
         run["unchanged_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        mgr.remove(experts)
+        mgr.restore()
         run["remove_s"] = time.perf_counter() - t
         return run, apply_stats, change_stats
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from engine.catalog import DEMO_WIDTH, REAL, get_spec
+from engine.fileio import atomic_path
 from engine.types import RequestError
 
 DEMO_MARKER = "wanstack_demo.json"
@@ -132,9 +131,7 @@ def build_demo_model(out_dir: str | os.PathLike, arch: str = "wan2.1-t2v-1.3b", 
     if out.exists() and any(out.iterdir()):
         raise RequestError(f"--out {out} exists and is not empty; choose a new folder or delete it")
     pipe = build_demo_pipeline(arch, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_path(out, directory=True) as tmp:
         # Sharded like the real 14B checkpoints, so every reader is exercised on index + shards.
         pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="64KB")
         os.chmod(tmp, 0o755)
@@ -144,11 +141,7 @@ def build_demo_model(out_dir: str | os.PathLike, arch: str = "wan2.1-t2v-1.3b", 
         }
         (tmp / DEMO_MARKER).write_text(json.dumps(marker, indent=2))
         if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            out.rmdir()  # empty (checked above): the rename puts the finished folder in its place
     if loras_dir is not None:
         from engine.demo_loras import write_demo_loras
 

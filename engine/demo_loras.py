@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from engine.fileio import atomic_path
 from engine.lora.names import diffusers_to_wan
 
 # file name -> (demo arch, format, rank, experts, trigger words)
@@ -81,15 +81,8 @@ def write_demo_loras(loras_dir: str | os.PathLike, transformers_by_arch: dict, s
         meta = {"wanstack_demo": "true", "ss_base_model_version": f"demo-{arch}"}
         if triggers:
             meta["ss_tag_frequency"] = json.dumps({"demo": {t: 10 for t in triggers}})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".demo-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
             os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         written.append(path)
     return written

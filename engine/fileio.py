@@ -22,7 +22,8 @@ TMP_PREFIX = ".wanstack-tmp."
 
 def temp_name_for(path: Path) -> Path:
     """A fresh temp path beside `path` (same folder, so the final os.replace is atomic)."""
-    return path.with_name(f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}.{path.name}")
+    # ends in .part, so no listing by suffix (*.json, *.safetensors, *.mp4) ever picks one up
+    return path.with_name(f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}.{path.name}.part")
 
 
 def is_temp_name(name: str) -> bool:

@@ -12,23 +12,30 @@ from typing import Any, Callable
 
 from engine.catalog import HIGH, LOW, SINGLE, ModelSpec
 from engine.detect import ModelInfo
-from engine.request import Resolved, check_model_limits, refuse_unfit, resolve_request
-from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, StepInfo
+from engine.port import (
+    EventCallback, Memory, MemoryView, PlanView, Retry, StackApplied, StackReport, Status, Step, ValidatedRequest,
+    VideoChunk,
+)
+from engine.port import Plan as PlanEvent
+from engine.request import Resolved, refuse_unfit
+from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, WanStackError
 
 log = logging.getLogger(__name__)
-EventCallback = Callable[[str, Any], None]
 
 
 class Generator:
-    """Owns the cached pipeline. One run at a time (the facade holds the lock)."""
+    """Owns the cached pipeline and the LoRA merge session that belongs to it. One run at a time (the
+    facade holds the lock). Runs only requests validated at the door (engine.port.ValidatedRequest)."""
 
-    def __init__(self, settings, loras):
+    def __init__(self, settings, library):
         self.settings = settings
-        self.loras = loras  # engine.lora.LoraManager
+        self.library = library  # engine.lora.library.LoraLibrary, shared with the facade (parsed-file cache)
         self._cancel = threading.Event()
         self._pipe = None
         self._pipe_key: tuple | None = None
         self._i2v_pipe = None  # TI2V with a start image: the same components in the I2V pipeline
+        self._session = None  # engine.lora.session.MergeSession of the loaded pipeline's experts
+        self._w0_sources: dict[str, Any] = {}  # component -> WeightSource its LoRA W0 is re-read from (single files)
         self._device = None
         self._dtype = None
         self._offload: tuple | None = None  # (pipeline id, mode, vae_tiling, text_encoder_on_cpu, device) applied
@@ -38,8 +45,13 @@ class Generator:
         self._cancel.set()
 
     def release(self) -> None:
+        """Drop the pipeline and its merge session (which holds the experts' merge state)."""
         from engine.memory.recovery import release_memory
 
+        if self._session is not None:
+            self._session.close()
+        self._session = None
+        self._w0_sources = {}
         self._pipe = self._i2v_pipe = None
         self._pipe_key = None
         self._offload = None
@@ -63,8 +75,8 @@ class Generator:
 
             loaded = build_pipeline(info, self._dtype)
             pipe = loaded.pipe
-            for comp, source in loaded.sources.items():  # LoRA W0 is re-read from the single file, not copied
-                self.loras.register_source(getattr(pipe, comp), source)
+            # LoRA W0 is re-read from the single file, not copied (handed to the pipeline's merge session)
+            self._w0_sources = dict(loaded.sources)
             pipe.set_progress_bar_config(disable=True)
             self._pipe, self._pipe_key = pipe, key
             return pipe
@@ -93,16 +105,25 @@ class Generator:
         return {SINGLE: pipe.transformer}
 
     # ---- one run ---------------------------------------------------------------------------
-    def run(self, info: ModelInfo, spec: ModelSpec, req: GenerationRequest, on_event: EventCallback,
-            out_path: str | Path | None = None, stream_video: bool = False) -> GenerationResult:
+    def run(self, checked: ValidatedRequest, emit: EventCallback, out_path: str | Path | None = None,
+            stream_video: bool = False) -> GenerationResult:
+        """Run a validated request. With no `out_path` the video goes to the outputs folder, and a failed or
+        stopped run leaves a record there (a settings JSON with its status) for the gallery."""
+        try:
+            return self._run(checked, emit, out_path, stream_video)
+        except (WanStackError, RuntimeError, OSError) as e:
+            if out_path is None:
+                stopped = isinstance(e, GenerationCancelled)
+                _write_failure(self.settings.outputs_dir, checked, "stopped" if stopped else "failed", str(e))
+            raise
+
+    def _run(self, checked: ValidatedRequest, emit: EventCallback, out_path, stream_video) -> GenerationResult:
         from engine import memory
         from engine.memory.recovery import release_memory
 
-        r = resolve_request(req, spec)
-        check_model_limits(r, spec, _transformer_config(info.path))
-        n_loras = max((len(req.stack.enabled_for(e)) for e in spec.experts), default=0)
-        self.loras.check(spec, req.stack)
-        snapshot = memory.snapshot()
+        info, spec, req, r = checked.model, checked.spec, checked.request, checked.resolved
+        n_loras = checked.loras_per_expert
+        snapshot = memory.snapshot()  # the memory plan is made against the memory of now, so here, not at the door
         reserve = req.vram_reserve_bytes or self.settings.vram_reserve_bytes
         dtype = None if snapshot.free_vram_bytes() is not None else "fp32"
         plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
@@ -115,7 +136,7 @@ class Generator:
         from engine.speed.run import RunSpeed
 
         speed = RunSpeed.for_request(req, r.steps, self.settings, plan)
-        on_event("plan", {**plan.to_dict(), "speed": speed.plan.to_dict()})
+        emit(PlanEvent(PlanView.from_plan(plan, speed=speed.plan.to_dict())))
         self._cancel.clear()
         started = time.perf_counter()
         notes: list[str] = []
@@ -126,25 +147,28 @@ class Generator:
             if why:  # the player would fail on every segment; the finished MP4 is shown instead
                 stream_video = False
                 notes.append(why)
-                on_event("status", why)
+                emit(Status(why))
         state: dict[str, Any] = {}
 
         def on_retry(message: str) -> None:
             notes.append(message)
-            on_event("retry", message)
+            emit(Retry(message))
 
         def attempt(current_plan):
             pipe = self.load(info, spec)
             _set_shift(pipe, r.shift)
             run_pipe = self._pipe_for(pipe, spec, image)
-            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, on_event, steps=r.steps)
+            if current_plan is not plan:  # a retry after an out-of-memory runs under a heavier plan
+                emit(PlanEvent(PlanView.from_plan(current_plan, speed=speed.plan.to_dict())))
+            state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, emit, steps=r.steps)
             state["plan"] = current_plan
-            speed.apply(list(self.experts(run_pipe, spec).values()), current_plan, on_event)
-            return self._denoise_and_decode(run_pipe, spec, req, r, image, on_event, stream_video, speed)
+            speed.apply(list(self.experts(run_pipe, spec).values()), current_plan,
+                        lambda _kind, text: emit(Status(str(text))))
+            return self._denoise_and_decode(run_pipe, spec, req, r, image, emit, stream_video, speed)
 
-        on_event("status", f"loading {info.id}")
+        emit(Status(f"loading {info.id}"))
         try:
-            with memory.MemoryWatch(lambda sample: on_event("memory", sample.to_dict())) as watch:
+            with memory.MemoryWatch(lambda sample: emit(Memory(_memory_view(sample)))) as watch:
                 frames = memory.run_with_oom_recovery(
                     attempt, plan, on_retry, context=f"{r.width}x{r.height}, {r.frames} frames, {n_loras} LoRA(s)")
         finally:
@@ -175,7 +199,22 @@ class Generator:
             return self._i2v_pipe
         return pipe
 
-    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, on_event,
+    def merge_session(self, pipe, spec: ModelSpec):
+        """The merge session of this pipeline's experts: made on first use, closed with the pipeline."""
+        from engine.lora.session import MergeSession
+
+        from engine.catalog import EXPERT_COMPONENT
+
+        experts = self.experts(pipe, spec)
+        if self._session is None or not self._session.owns(experts):
+            if self._session is not None:
+                self._session.close()
+            sources = {e: self._w0_sources[EXPERT_COMPONENT[e]] for e in experts
+                       if EXPERT_COMPONENT[e] in self._w0_sources}
+            self._session = MergeSession(self.library, experts, w0_sources=sources)
+        return self._session
+
+    def _apply_loras_and_plan(self, pipe, spec: ModelSpec, req: GenerationRequest, plan, emit,
                               steps: int | None = None) -> list[dict]:
         """Merge the request's stack into the experts and put the pipeline into the plan's offload mode.
 
@@ -185,18 +224,15 @@ class Generator:
         from engine.memory.offload import apply_plan
 
         if req.stack.entries:
-            on_event("status", f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)")
+            emit(Status(f"applying {sum(e.enabled for e in req.stack.entries)} LoRA(s)"))
         resolve = Path if self.settings.allow_lora_paths_outside else None
         # Scheduled weights (issue 11): the runtime path needs the run's steps and the expert split.
         from engine.lora.stack_runtime import high_noise_steps_of
 
         high_steps = high_noise_steps_of(pipe, spec.boundary_ratio, steps) if steps and spec.dual_expert else None
-        report = self.loras.apply(self.experts(pipe, spec), spec, req.stack, skip_failing=req.skip_failing_loras,
-                                  resolve=resolve, steps=steps, high_steps=high_steps)
-        for row in report:  # merged into the weights unless the engine said otherwise (runtime)
-            if row.get("status") == "applied":
-                row.setdefault("mode", "merged")
-        on_event("loras", report)
+        report = self.merge_session(pipe, spec).apply(spec, req.stack, skip_failing=req.skip_failing_loras,
+                                                      resolve=resolve, steps=steps, high_steps=high_steps)
+        emit(StackApplied(StackReport.from_rows(report, spec.experts)))
         # Tracked here, not on the pipeline: TI2V's image pipeline shares its modules with the text one,
         # so the hooks belong to the modules, whichever pipeline object runs them.
         wanted = (id(pipe), plan.mode.value, plan.vae_tiling, bool(plan.text_encoder_on_cpu), plan.device)
@@ -205,26 +241,34 @@ class Generator:
             self._offload = wanted
         return report
 
-    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, on_event, stream_video, speed=None):
+    def step_end(self, step: int, total: int, expert: str, seconds: float, latents, emit: EventCallback,
+                 speed=None) -> None:
+        """Per-step hook point: runs after every denoising step (before the next one starts).
+
+        Sets the scheduled LoRA strengths for the next step, closes the step for the speed tools, reports
+        the step with a latent preview, then stops the run if the user asked. Per-step work goes here.
+        """
+        from engine.preview import latents_to_gif
+
+        if self._session is not None:
+            self._session.set_step(step, total)  # scheduled LoRA weights for the next step (issue 11)
+        if speed is not None:
+            speed.end_step()
+        emit(Step(step=step, total=total, seconds=round(seconds, 4), expert=expert, preview_gif=latents_to_gif(latents)))
+        if self._cancel.is_set():
+            raise GenerationCancelled(f"stopped after step {step} of {total}")
+
+    def _denoise_and_decode(self, pipe, spec, req, r: Resolved, image, emit, stream_video, speed=None):
         import torch
 
         boundary = (spec.boundary_ratio or 0) * pipe.scheduler.config.num_train_timesteps
         last = [time.perf_counter()]
 
         def on_step(p, i, t, kwargs):
-            self.loras.set_step(i + 1, r.steps)  # scheduled LoRA weights for the next step (issue 11)
             now = time.perf_counter()
             expert = SINGLE if not spec.dual_expert else (HIGH if float(t) >= boundary else LOW)
-            from engine.preview import latents_to_frames
-
-            if speed is not None:
-                speed.end_step()
-            preview = latents_to_frames(kwargs["latents"])
-            on_event("step", StepInfo(step=i + 1, total=r.steps, seconds=round(now - last[0], 4), expert=expert,
-                                      preview=preview))
-            last[0] = now
-            if self._cancel.is_set():
-                raise GenerationCancelled(f"stopped after step {i + 1} of {r.steps}")
+            self.step_end(i + 1, r.steps, expert, now - last[0], kwargs["latents"], emit, speed)
+            last[0] = time.perf_counter()
             return {}
 
         args: dict[str, Any] = dict(
@@ -237,17 +281,17 @@ class Generator:
             args["guidance_scale_2"] = r.guidance_2
         if image is not None:
             args["image"] = image
-        on_event("status", "denoising")
+        emit(Status("denoising"))
         with speed.caching(list(self.experts(pipe, spec).values())) if speed else contextlib.nullcontext():
             latents = pipe(**args).frames
         if self._cancel.is_set():
             raise GenerationCancelled(f"stopped after the last step of {r.steps}")
-        on_event("status", "decoding")
-        on_chunk = self._segment_writer(r.fps, on_event) if stream_video else None
+        emit(Status("decoding"))
+        on_chunk = self._segment_writer(r.fps, emit) if stream_video else None
         return decode(pipe, latents, on_chunk=on_chunk)
 
-    def _segment_writer(self, fps: int, on_event: EventCallback):
-        """Each decoded chunk becomes an MPEG-TS segment in outputs/.stream/, announced as "video_chunk"."""
+    def _segment_writer(self, fps: int, emit: EventCallback):
+        """Each decoded chunk becomes an MPEG-TS segment in outputs/.stream/, announced as a VideoChunk."""
         from engine.video import write_mp4
 
         folder = Path(self.settings.outputs_dir) / ".stream" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
@@ -256,9 +300,30 @@ class Generator:
         def on_chunk(frames: list) -> None:
             path = write_mp4(frames, folder / f"segment-{count[0]:04d}.ts", fps, container="mpegts")
             count[0] += 1
-            on_event("video_chunk", str(path))
+            emit(VideoChunk(str(path)))
 
         return on_chunk
+
+
+def _memory_view(sample) -> MemoryView:
+    """engine.memory.MemorySample -> the door's MemoryView."""
+    return MemoryView(vram_used_bytes=sample.vram_used_bytes, vram_total_bytes=sample.vram_total_bytes,
+                      ram_used_bytes=sample.ram_used_bytes, ram_total_bytes=sample.ram_total_bytes,
+                      peak_vram_bytes=sample.peak_vram_bytes, peak_ram_bytes=sample.peak_ram_bytes)
+
+
+def _write_failure(outputs_dir, checked: ValidatedRequest, status: str, message: str) -> None:
+    """A failed or stopped run's settings with its status, as outputs/<stamp>-<seed>.json (no video)."""
+    from engine.video import write_sidecar
+
+    r = checked.resolved
+    settings = _settings_json(checked.model, checked.spec, checked.request, r, None, checked.request.offload)
+    settings.update(status=status, message=message)
+    try:
+        Path(outputs_dir).mkdir(parents=True, exist_ok=True)
+        write_sidecar(_default_out(outputs_dir, r.seed), settings)
+    except OSError as e:  # the run's own error is what the user needs to see
+        log.warning("could not record the %s run in %s: %s", status, outputs_dir, e)
 
 
 def decode(pipe, latents, on_chunk: Callable[[list], None] | None = None) -> list:
@@ -345,17 +410,6 @@ def _load_image(path: str, r: Resolved):
         raise RequestError(f"image {path} could not be read ({e}); use a PNG or JPEG") from None
 
 
-def _transformer_config(model_path) -> dict | None:
-    """The transformer's config.json of a diffusers folder (None for other layouts or when unreadable)."""
-    import json
-
-    path = Path(model_path) / "transformer" / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _default_out(outputs_dir, seed: int) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(outputs_dir) / f"{stamp}-{seed}.mp4"
@@ -372,12 +426,12 @@ def _settings_json(info, spec, req, r: Resolved, lora_report, offload_mode) -> d
         row = e.to_dict()
         if rep.get("sha256"):
             row["sha256"] = rep["sha256"]
-        row["status"] = rep.get("status", "applied")
+        row["status"] = rep.get("status", "applied" if lora_report else "not applied")
         stack.append(row)
     return {
         "app": "WanStack", "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model": info.id, "model_type": spec.type, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
         "image": Path(req.image).name if req.image else None, "seed": r.seed, "steps": r.steps,
         "width": r.width, "height": r.height, "frames": r.frames, "fps": r.fps, "guidance": r.guidance,
-        "guidance_2": r.guidance_2, "shift": r.shift, "offload": offload_mode, "stack": stack,
+        "guidance_2": r.guidance_2, "shift": r.shift, "offload": offload_mode, "stack": stack, "status": "done",
     }

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 import unicodedata
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine.catalog import CATALOG
+from engine.fileio import atomic_write_text
 from engine.types import LoraEntry, RequestError
 
 log = logging.getLogger(__name__)
@@ -98,7 +97,10 @@ def validate(data: Any, source: str = "preset") -> Preset:
     if not isinstance(data, dict):
         raise PresetError(f"{source} is not a JSON object; a preset looks like {{\"schema\": 1, \"name\": ..., \"entries\": [...]}}")
     if data.get("schema") != SCHEMA:
-        raise PresetError(f"{source} has schema {data.get('schema')!r}; this version reads schema {SCHEMA}")
+        newer = isinstance(data.get("schema"), int) and data["schema"] > SCHEMA
+        raise PresetError(f"{source} has schema {data.get('schema')!r}"
+                          + (" from a newer WanStack" if newer else "")
+                          + f"; this version reads schema {SCHEMA} (the file is left as it is)")
     unknown = set(data) - _KEYS
     if unknown:
         raise PresetError(f"{source} has unknown field(s) {sorted(unknown)}; allowed: {', '.join(sorted(_KEYS))}")
@@ -132,6 +134,8 @@ def parse_json(raw: bytes | str, source: str = "uploaded file") -> Preset:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PresetError(f"{source} is not valid JSON ({e}); export a preset from WanStack or fix the file") from None
+    except RecursionError:
+        raise PresetError(f"{source} is nested too deeply to be a preset") from None
     return validate(data, source)
 
 
@@ -181,6 +185,8 @@ def parse_lset(raw: bytes | str, model_type: str, name: str, known_files: list[s
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PresetError(f".lset file is not valid JSON ({e})") from None
+    except RecursionError:
+        raise PresetError(".lset file is nested too deeply") from None
     if not isinstance(data, dict) or not isinstance(data.get("loras"), list):
         raise PresetError(".lset file has no 'loras' list; it should look like {\"loras\": [...], \"loras_mult\": \"1 0.8\"}")
     mult = data.get("loras_mult", "")
@@ -283,28 +289,6 @@ def to_lset(preset: Preset) -> str:
     return json.dumps({"loras": loras, "loras_mult": " ".join(tokens)}, indent=1)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """temp file in the same folder + fsync + os.replace, so a reader sees the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a folder; the rename is still atomic
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 @dataclass
 class PresetSummary:
     name: str
@@ -312,6 +296,7 @@ class PresetSummary:
     model_type: str
     entries: int
     updated: str
+    problem: str = ""  # why this file cannot be used (newer schema, unknown field, damaged); it is left as it is
 
 
 class PresetStore:
@@ -320,7 +305,6 @@ class PresetStore:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self._lock = threading.Lock()
-        self.moved_aside: list[str] = []  # corrupt files renamed during this session, for the UI to report
 
     def path_for(self, name: str) -> Path:
         path = (self.root / f"{slugify(name)}.json").resolve()
@@ -329,28 +313,32 @@ class PresetStore:
         return path
 
     def _read(self, path: Path) -> Preset | None:
+        """The preset in `path`, None when there is no such file; PresetError when it cannot be used.
+
+        Reading never changes a file: a preset from a newer version or a damaged one stays as it is.
+        """
         try:
+            if path.stat().st_size > MAX_PRESET_BYTES:
+                raise PresetError(f"preset file {path.name} is {path.stat().st_size} bytes; a preset is under "
+                                  f"{MAX_PRESET_BYTES} bytes")
             raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        try:
-            return parse_json(raw, f"preset file {path.name}")
-        except PresetError as e:
-            aside = path.with_name(f"{path.name}.corrupt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
-            try:
-                os.replace(path, aside)
-            except FileNotFoundError:
-                return None
-            log.warning("moved unreadable preset %s to %s: %s", path.name, aside.name, e)
-            self.moved_aside.append(f"{path.name} -> {aside.name}: {e}")
-            return None
+        except IsADirectoryError:
+            raise PresetError(f"{path.name} is a folder, not a preset file") from None
+        return parse_json(raw, f"preset file {path.name}")
 
     def list(self) -> list[PresetSummary]:
+        """Every *.json in the folder; files this version cannot use are listed with the reason, untouched."""
         if not self.root.is_dir():
             return []
         out = []
         for path in sorted(self.root.glob("*.json")):
-            preset = self._read(path)
+            try:
+                preset = self._read(path)
+            except PresetError as e:
+                out.append(_unusable_summary(path, str(e)))
+                continue
             if preset is not None:
                 out.append(PresetSummary(preset.name, path.stem, preset.model_type, len(preset.entries), preset.updated))
         return out
@@ -369,16 +357,30 @@ class PresetStore:
         return self.path_for(name).exists()
 
     def save(self, preset: Preset, overwrite: bool = True) -> Path:
+        """Write the preset atomically. Refuses a name whose file holds another preset ("My Preset" and
+        "my-preset!!" share my-preset.json) or a file this version cannot read (it is kept as it is)."""
         checked = validate({**preset.to_dict(), "created": preset.created or "", "updated": preset.updated or ""})
         path = self.path_for(checked.name)
         with self._lock:
             self.root.mkdir(parents=True, exist_ok=True)
-            old = self._read(path)
+            try:
+                old = self._read(path)
+            except PresetError as e:
+                raise PresetError(f"cannot save {checked.name!r}: its file {path.name} holds a preset this version "
+                                  f"cannot read ({e}); it is kept as it is, so pick another name") from None
+            if old is not None and old.name != checked.name:
+                raise PresetError(f"preset name {checked.name!r} uses the same file ({path.name}) as the existing "
+                                  f"preset {old.name!r}; pick a name that differs in letters or digits, or rename "
+                                  f"{old.name!r} first")
             if old is not None and not overwrite:
                 raise PresetError(f"preset {checked.name!r} already exists; pick another name or overwrite it")
             checked.created = (old.created if old else "") or checked.created or _now()
             checked.updated = _now()
-            _atomic_write(path, json.dumps(checked.to_dict(), indent=2, ensure_ascii=False) + "\n")
+            try:
+                atomic_write_text(path, json.dumps(checked.to_dict(), indent=2, ensure_ascii=False) + "\n")
+            except OSError as e:
+                raise PresetError(f"could not save preset {checked.name!r} in {self.root}: {e.strerror}; "
+                                  "the previous version (if any) is unchanged") from None
         return path
 
     def delete(self, name: str) -> None:
@@ -393,12 +395,17 @@ class PresetStore:
         new = check_name(new)
         old_path, new_path = self.path_for(old), self.path_for(new)
         if new_path != old_path and new_path.exists():
-            raise PresetError(f"preset {new!r} already exists; delete it first or pick another name")
+            raise PresetError(f"preset {new!r} already exists (file {new_path.name}); delete it first or pick another name")
+        if new_path == old_path:  # same file, new spelling ("my preset" -> "My Preset"): rewrite it in place
+            preset.name = new
+            with self._lock:
+                atomic_write_text(new_path, json.dumps({**preset.to_dict(), "updated": _now()}, indent=2,
+                                                       ensure_ascii=False) + "\n")
+            return self.load(new)
         preset.name = new
         self.save(preset)
-        if new_path != old_path:
-            with self._lock:
-                old_path.unlink(missing_ok=True)
+        with self._lock:
+            old_path.unlink(missing_ok=True)
         return self.load(new)
 
     def duplicate(self, name: str, new: str | None = None) -> Preset:
@@ -439,6 +446,21 @@ class PresetStore:
             preset.name = self._free_copy_name(preset.name)
         self.save(preset)
         return self.load(preset.name)
+
+
+def _unusable_summary(path: Path, problem: str) -> PresetSummary:
+    """A listing row for a preset file this version cannot use: its own name and type where it says them."""
+    name, model_type = path.stem, "unknown"
+    try:
+        data = json.loads(path.read_bytes()[:MAX_PRESET_BYTES])
+        if isinstance(data, dict):
+            if isinstance(data.get("name"), str) and data["name"].strip():
+                name = data["name"].strip()[:MAX_NAME_CHARS]
+            if isinstance(data.get("model_type"), str):
+                model_type = data["model_type"][:80]
+    except (OSError, ValueError, RecursionError):
+        pass
+    return PresetSummary(name, path.stem, model_type, 0, "", problem=problem)
 
 
 def mark_entries(entries: list[dict[str, Any]], available: dict[str, str | None]) -> list[dict[str, Any]]:

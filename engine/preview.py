@@ -44,3 +44,13 @@ def latents_to_frames(latents, min_width: int = 160) -> list:
     h, w = pixels.shape[1:3]
     scale = max(1, -(-min_width // w))
     return [Image.fromarray(f).resize((w * scale, h * scale), Image.NEAREST) for f in pixels]
+
+
+def latents_to_gif(latents, frame_ms: int = 150) -> bytes:
+    """The latent preview as a small looping GIF (bytes), one frame per latent frame: what crosses the door."""
+    import io
+
+    frames = latents_to_frames(latents)
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return buf.getvalue()

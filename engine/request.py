@@ -48,6 +48,22 @@ def _float(name: str, value, low: float, high: float) -> float:
 MAX_PROMPT_CHARS = 10_000  # Wan's text encoder reads 512 tokens; this bounds what a client can send
 
 
+def check_geometry(spec: ModelSpec, width, height, frames, flag: str = "") -> tuple[int, int, int]:
+    """The one size and frame rule (the request and `engine plan` share it): defaults filled in, width and
+    height multiples of the model's size multiple, frames 4k+1. `flag` prefixes names ("--" on the CLI)."""
+    m = spec.size_multiple
+    width = _int(f"{flag}width", spec.width if width is None else width, m, 4096)
+    height = _int(f"{flag}height", spec.height if height is None else height, m, 4096)
+    for name, value in ((f"{flag}width", width), (f"{flag}height", height)):
+        if value % m:
+            raise RequestError(f"{name} {value} must be a multiple of {m} for {spec.type} (try {value // m * m or m})")
+    frames = _int(f"{flag}frames", spec.frames if frames is None else frames, 1, 1001)
+    if (frames - 1) % 4:
+        nearest = (frames - 1) // 4 * 4 + 1
+        raise RequestError(f"{flag}frames {frames} must be 4k+1 (e.g. {nearest} or {nearest + 4})")
+    return width, height, frames
+
+
 def resolve_request(req: GenerationRequest, spec: ModelSpec) -> Resolved:
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise RequestError("prompt is empty; describe the video you want")
@@ -60,16 +76,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> Resolved:
                                "(the text encoder reads about 512 tokens)")
     if req.offload not in OFFLOAD_CHOICES:
         raise RequestError(f"offload {req.offload!r} must be one of {', '.join(OFFLOAD_CHOICES)}")
-    m = spec.size_multiple
-    width = _int("width", spec.width if req.width is None else req.width, m, 4096)
-    height = _int("height", spec.height if req.height is None else req.height, m, 4096)
-    for name, value in (("width", width), ("height", height)):
-        if value % m:
-            raise RequestError(f"{name} {value} must be a multiple of {m} for {spec.type} (try {value // m * m or m})")
-    frames = _int("frames", spec.frames if req.frames is None else req.frames, 1, 1001)
-    if (frames - 1) % 4:
-        nearest = (frames - 1) // 4 * 4 + 1
-        raise RequestError(f"frames {frames} must be 4k+1 (e.g. {nearest} or {nearest + 4})")
+    width, height, frames = check_geometry(spec, req.width, req.height, req.frames)
     if spec.task == "i2v" and not req.image:
         raise RequestError(f"image is required: {spec.label} makes a video from a start image")
     if spec.task == "t2v" and req.image:

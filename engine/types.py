@@ -5,11 +5,34 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Union
 
 APPLIES_TO = ("both", "high_noise", "low_noise")
 WEIGHT_LIMIT = 10.0
-OFFLOAD_CHOICES = ("auto", "none", "model", "group", "sequential")
+
+
+class OffloadMode(str, Enum):
+    """The offload modes, lightest first: the one list (the policy escalates along it after an OOM)."""
+
+    NONE = "none"
+    MODEL = "model"
+    GROUP = "group"
+    SEQUENTIAL = "sequential"
+
+    @property
+    def label(self) -> str:
+        return {"none": "no offload", "model": "model offload", "group": "group offload",
+                "sequential": "sequential offload"}[self.value]
+
+    def heavier(self) -> "OffloadMode | None":
+        order = list(OffloadMode)
+        i = order.index(self)
+        return order[i + 1] if i + 1 < len(order) else None
+
+
+OFFLOAD_MODES = tuple(m.value for m in OffloadMode)
+OFFLOAD_CHOICES = ("auto",) + OFFLOAD_MODES  # what a user may ask for: a mode, or auto (the policy picks)
 
 
 class WanStackError(Exception):
@@ -197,17 +220,6 @@ class GenerationRequest:
     vram_reserve_bytes: int = 0
     ignore_memory_plan: bool = False  # run even when the memory plan says it cannot fit (refused otherwise)
     speed: "SpeedOptions | None" = None  # engine.speed.options (attention, compile, step cache); None: defaults
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """One denoising step, reported to the UI/CLI callback."""
-
-    step: int
-    total: int
-    seconds: float
-    expert: str
-    preview: Any = None  # list of PIL.Image, one per latent frame (a small animation), or None
 
 
 @dataclass

@@ -6,14 +6,14 @@ import logging
 
 import gradio as gr
 
-from engine.types import GenerationCancelled, RequestError, WanStackError
+from engine.types import RequestError, WanStackError
 from ui.context import UIContext
 from ui.generate import build_request, run_events, summary_of
 
 log = logging.getLogger(__name__)
 
 
-def build_api(ctx: UIContext) -> None:
+def build_api(ctx: UIContext, jobs=None) -> None:
     """Call inside the Blocks context. /generate uses hidden components so files travel as Gradio files."""
     with gr.Column(visible=False, elem_id="api-inputs"):
         inputs = [
@@ -34,14 +34,20 @@ def build_api(ctx: UIContext) -> None:
             spec = ctx.spec_for(model)
             request = build_request(ctx, model, prompt, negative_prompt, image, width, height, frames, steps, seed,
                                     ctx.stack_from_text(stack, spec))
-            result = None
+        except WanStackError as e:
+            raise gr.Error(str(e)) from None
+        result = None
+        if jobs is not None:
+            jobs.start(queued=False)
+        try:
             for kind, payload in run_events(ctx, request, stream_video=False):
                 if kind == "result":
                     result = payload
-        except GenerationCancelled as e:
-            raise gr.Error(f"stopped: {e}") from None
-        except (RequestError, WanStackError) as e:
-            raise gr.Error(str(e)) from None
+                elif kind == "failed":
+                    raise gr.Error(f"stopped: {payload.message}" if payload.cancelled else payload.message)
+        finally:
+            if jobs is not None:
+                jobs.finish()
         return result.path, json.dumps(summary_of(result))
 
     trigger.click(generate, inputs, outputs, api_name="generate", concurrency_limit=1, concurrency_id="gpu")
@@ -56,12 +62,12 @@ def build_api(ctx: UIContext) -> None:
             spec = ctx.spec_for(model)
         except RequestError as e:
             raise gr.Error(str(e)) from None
-        return [{k: v for k, v in d.items()} for d in ctx.loras(spec.type)]
+        return [v.to_dict() for v in ctx.loras(spec.type)]
 
     def presets() -> list[dict]:
         """Saved named stacks: name, model_type, entries."""
-        return [{"name": p.name, "model_type": p.model_type, "entries": p.entries, "updated": p.updated}
-                for p in ctx.store.list()]
+        return [{"name": p.name, "model_type": p.model_type, "entries": list(p.entries), "updated": p.updated}
+                for p in ctx.engine.presets()]
 
     gr.api(models, api_name="models", queue=False)
     gr.api(loras, api_name="loras", queue=False)

@@ -6,9 +6,8 @@ from typing import Any
 
 import gradio as gr
 
-from engine.catalog import ModelSpec
-from engine.types import RequestError
-from engine.video import streaming_unavailable
+from engine.port import ModelSpec
+from engine.types import RequestError, WanStackError
 from ui.context import UIContext
 
 log = logging.getLogger(__name__)
@@ -19,8 +18,8 @@ class ModelPanel:
     def __init__(self, ctx: UIContext):
         self.ctx = ctx
 
-    def choices(self) -> list[tuple[str, str]]:
-        return [(self.ctx.model_label(m), m.id) for m in self.ctx.usable_models()]
+    def choices(self, refresh: bool = False) -> list[tuple[str, str]]:
+        return [(m.display, m.id) for m in self.ctx.usable_models(refresh)]
 
     def build_picker(self, default_id: str | None):
         self.default_spec = None
@@ -31,17 +30,18 @@ class ModelPanel:
                 log.warning("default model %s unusable: %s", default_id, e)
         with gr.Row(equal_height=True, elem_id="model-row"):
             gr.Markdown("### WanStack", elem_id="title")
-            self.model = gr.Dropdown(self.choices(), value=default_id, show_label=False, container=False, scale=4,
-                                     min_width=220, elem_id="model-picker")
+            self.model = gr.Dropdown(self.choices(), value=default_id, label="Model", show_label=False,
+                                     container=False, scale=4, min_width=220, elem_id="model-picker")
+            self.rescan = gr.Button("↻ Rescan models", size="sm", scale=0, min_width=130, elem_id="rescan-models")
         self.model_note = gr.Markdown(self.note(default_id), elem_id="model-note", elem_classes="small-note")
 
     def build_prompt(self):
         task = self.default_spec.task if self.default_spec else "t2v"
         with gr.Row(equal_height=True, elem_id="prompt-row"):
-            self.prompt = gr.Textbox(show_label=False, lines=2, max_lines=4, scale=3, elem_id="prompt",
-                                     placeholder="Prompt: a red fox running through snow, cinematic")
-            self.negative = gr.Textbox(show_label=False, lines=2, max_lines=4, scale=2, elem_id="negative-prompt",
-                                       placeholder="Negative prompt (optional)")
+            self.prompt = gr.Textbox(label="Prompt", lines=2, max_lines=4, scale=3, elem_id="prompt",
+                                     placeholder="a red fox running through snow, cinematic")
+            self.negative = gr.Textbox(label="Negative prompt (optional)", lines=2, max_lines=4, scale=2,
+                                       elem_id="negative-prompt", placeholder="what to avoid: blurry, text, watermark")
             self.image = gr.Image(label=image_label(task), type="filepath", visible=task in ("i2v", "ti2v"), height=110,
                                   scale=1, min_width=110, sources=["upload", "clipboard"], elem_id="start-image")
 
@@ -50,31 +50,32 @@ class ModelPanel:
         choices, default = resolution_choices(spec) if spec else ([], None)
         d = (lambda name, fallback: getattr(spec, name) if spec else fallback)
         with gr.Row():
-            self.resolution = gr.Dropdown(choices, value=default, label="Resolution", scale=2, min_width=120,
-                                          elem_id="resolution")
+            self.resolution = gr.Dropdown(choices, value=default, label="Resolution", scale=2, min_width=150,
+                                          elem_id="resolution", info="width × height of the video")
             self.frames = gr.Slider(1, max(161, d("frames", 81)), step=4, value=d("frames", 81), label="Frames", scale=3,
-                                    min_width=140, elem_id="frames")
-            self.fps = gr.Number(d("fps", 16), label="fps", precision=0, minimum=1, maximum=60, scale=1, min_width=60,
-                                 elem_id="fps")
+                                    min_width=160, elem_id="frames", info="4k+1 frames (e.g. 81)")
+            self.fps = gr.Number(d("fps", 16), label="fps", precision=0, minimum=1, maximum=60, scale=1, min_width=70,
+                                 elem_id="fps", info="playback speed")
             self.steps = gr.Number(d("steps", 40), label="Steps", precision=0, minimum=1, maximum=200, scale=1,
-                                   min_width=60, elem_id="steps")
+                                   min_width=70, elem_id="steps", info="denoising steps")
         with gr.Row():
             self.guidance = gr.Number(d("guidance", 5.0), label="Guidance", minimum=0, maximum=30, step=0.5, scale=1,
-                                      min_width=90, elem_id="guidance")
+                                      min_width=100, elem_id="guidance", info="how closely to follow the prompt")
             self.guidance_2 = gr.Number(d("guidance_2", None), label="Low-noise guidance", minimum=0, maximum=30,
                                         step=0.5, scale=1, min_width=130, visible=bool(spec and spec.dual_expert),
-                                        elem_id="guidance-2")
+                                        elem_id="guidance-2", info="guidance of the low-noise expert")
             self.shift = gr.Number(d("shift", 5.0), label="Shift", minimum=0.1, maximum=50, step=0.5, scale=1,
-                                   min_width=80, elem_id="shift")
-            self.seed = gr.Number(-1, label="Seed (-1 random)", precision=0, minimum=-1, scale=1, min_width=130,
-                                  elem_id="seed")
+                                   min_width=90, elem_id="shift", info="scheduler shift")
+            self.seed = gr.Number(-1, label="Seed", precision=0, minimum=-1, scale=1, min_width=130,
+                                  elem_id="seed", info="-1 draws a random seed")
         with gr.Row(equal_height=True):
             self.duration = gr.Markdown(self.duration_text(d("frames", 81), d("fps", 16)), elem_id="duration",
                                         elem_classes="small-note")
             # Gradio's streaming player runs ffmpeg and ffprobe from PATH: without them, the box is off with the reason
-            no_stream = streaming_unavailable()
+            no_stream = self.ctx.engine.streaming_problem()
             self.stream_video = gr.Checkbox(not (spec and spec.demo) and not no_stream, label="Stream video while decoding",
-                                            container=False, elem_id="stream-toggle", info=no_stream,
+                                            container=False, elem_id="stream-toggle",
+                                            info=no_stream or "show the video as the VAE decodes it (costs a little time)",
                                             interactive=no_stream is None)
 
     def note(self, model_id: str | None) -> str:
@@ -83,8 +84,8 @@ class ModelPanel:
             return "No usable model." + ("".join(f"\n- `{m.id}`: {m.reason}" for m in bad) if bad else "")
         try:
             info = self.ctx.model(model_id)
-            spec = self.ctx.engine.spec(info.type)
-        except Exception as e:  # noqa: BLE001 - shown to the user as text
+            spec = self.ctx.spec_for(model_id)
+        except WanStackError as e:
             return f"⚠ {e}"
         parts = [spec.label.replace(" (random weights)", ""), TASK_LABEL.get(spec.task, spec.task)]
         if info.demo:
@@ -124,7 +125,7 @@ class ModelPanel:
             self.duration_text(spec.frames, spec.fps),
             # Each streamed segment costs an ffmpeg mux in Gradio (~0.3 s here): worth it when decoding takes
             # tens of seconds (real models), not for the demo's one-second decode.
-            gr.update(value=not spec.demo and streaming_unavailable() is None),
+            gr.update(value=not spec.demo and self.ctx.engine.streaming_problem() is None),
         ]
 
     @staticmethod

@@ -10,7 +10,8 @@ from typing import Any
 
 import gradio as gr
 
-from engine.catalog import ModelSpec
+from engine.port import LoraView, ModelSpec
+from engine.types import WanStackError
 from ui import stack_logic as sl
 from ui.context import UIContext
 
@@ -51,7 +52,8 @@ class StackEditor:
         note = self.render([], spec)[3] if spec else ""
         with gr.Group(elem_id="stack-editor"):
             with gr.Row(elem_classes="stack-head"):
-                gr.Markdown("**LoRA stack**", elem_classes="stack-title")
+                gr.Markdown("**LoRA stack** · merged into the weights in this order (slider -2…2, type up to ±10)",
+                            elem_classes="stack-title")
                 self.cap = gr.Markdown(cap, elem_id="cap-indicator", elem_classes="cap")
             for i in range(self.ctx.max_rows):
                 self.rows.append(self._build_row(i))
@@ -65,27 +67,28 @@ class StackEditor:
     def _build_row(self, i: int) -> Row:
         with gr.Column(visible=False, elem_classes="lora-row", elem_id=f"lora-row-{i}") as box:
             with gr.Row(equal_height=True, elem_classes="row-main"):
-                file = gr.Dropdown(choices=[], value=None, show_label=False, container=False, scale=8,
-                                   min_width=180, elem_id=f"lora-file-{i}")
-                slider = gr.Slider(-2, 2, value=1.0, step=0.05, show_label=False, container=False, scale=4,
-                                   min_width=110, elem_id=f"lora-slider-{i}", buttons=[],
+                file = gr.Dropdown(choices=[], value=None, label=f"LoRA {i + 1}", show_label=False, container=False,
+                                   scale=6, min_width=200, elem_id=f"lora-file-{i}")
+                slider = gr.Slider(-2, 2, value=1.0, step=0.05, label=f"LoRA {i + 1} weight slider", show_label=False,
+                                   container=False, scale=4, min_width=140, elem_id=f"lora-slider-{i}", buttons=[],
                                    elem_classes="lora-slider")
-                weight = gr.Number(value=1.0, minimum=-10, maximum=10, step=0.05, show_label=False, container=False,
-                                   scale=1, min_width=64, elem_id=f"lora-weight-{i}")
-                enabled = gr.Checkbox(value=True, label="on", container=False, scale=0, min_width=50,
+                weight = gr.Number(value=1.0, minimum=-10, maximum=10, step=0.05, label=f"LoRA {i + 1} weight",
+                                   show_label=False, container=False, scale=0, min_width=72, elem_id=f"lora-weight-{i}",
+                                   elem_classes="lora-weight")
+                enabled = gr.Checkbox(value=True, label="on", container=False, scale=0, min_width=52,
                                       elem_id=f"lora-enabled-{i}")
-                up = gr.Button("↑", size="sm", scale=0, min_width=30, elem_id=f"lora-up-{i}")
-                down = gr.Button("↓", size="sm", scale=0, min_width=30, elem_id=f"lora-down-{i}")
-                remove = gr.Button("✕", size="sm", scale=0, min_width=30, variant="stop", elem_id=f"lora-remove-{i}")
             with gr.Row(equal_height=True, elem_classes="row-detail"):
-                applies_to = gr.Dropdown(APPLIES, value="both", show_label=False, container=False, scale=0,
-                                         min_width=130, elem_id=f"lora-applies-{i}")
-                low_weight = gr.Number(value=None, minimum=-10, maximum=10, step=0.05, show_label=False,
-                                       container=False, placeholder="low-noise w", scale=0, min_width=96,
-                                       elem_id=f"lora-lowweight-{i}")
-                info = gr.Markdown("", elem_classes="row-info", elem_id=f"lora-info-{i}")
-                triggers = gr.Button("+ triggers", size="sm", scale=0, min_width=80, visible=False,
+                applies_to = gr.Dropdown(APPLIES, value="both", label="acts on", scale=0, min_width=150,
+                                         elem_id=f"lora-applies-{i}", elem_classes="detail-field")
+                low_weight = gr.Number(value=None, minimum=-10, maximum=10, step=0.05,
+                                       label="low-noise weight (empty: same)", placeholder="same", scale=0,
+                                       min_width=170, elem_id=f"lora-lowweight-{i}", elem_classes="detail-field")
+                triggers = gr.Button("+ trigger words", size="sm", scale=0, min_width=110, visible=False,
                                      elem_id=f"lora-triggers-{i}")
+                up = gr.Button("Up", size="sm", scale=0, min_width=46, elem_id=f"lora-up-{i}")
+                down = gr.Button("Down", size="sm", scale=0, min_width=56, elem_id=f"lora-down-{i}")
+                remove = gr.Button("Remove", size="sm", scale=0, min_width=70, variant="stop", elem_id=f"lora-remove-{i}")
+            info = gr.Markdown("", elem_classes="row-info", elem_id=f"lora-info-{i}")
         return Row(box, file, slider, weight, enabled, up, down, remove, applies_to, low_weight, info, triggers)
 
     def outputs(self) -> list:
@@ -97,23 +100,23 @@ class StackEditor:
 
     # ---- rendering ----------------------------------------------------------------------
     def render(self, rows: list[dict], spec: ModelSpec | None, message: str = "", report: dict | None = None,
-               pair: str | None = None, only: range | set | None = None) -> list:
+               pair: dict | None = None, only: range | set | None = None) -> list:
         """Updates for `outputs()`. With `only`, rows outside it and the folder note are left untouched
         (an empty update), which keeps small edits cheap."""
         if spec is None:
             return [gr.update(value="pick a model"), message, gr.update(visible=False), ""] + \
                 [gr.update(visible=False)] * (len(self.rows) * 9)
         loras = self.ctx.loras(spec.type)
-        choices = [d["file"] for d in loras if d.get("compatible", True)]
-        blocked = [d for d in loras if not d.get("compatible", True)]
+        choices = [v.file for v in loras if v.compatible]
+        blocked = [v for v in loras if not v.compatible]
         note = ""
         if blocked:
-            items = "".join(f"<li><code>{d['file']}</code>: {d.get('reason', '')}</li>" for d in blocked)
+            items = "".join(f"<li><code>{v.file}</code>: {v.reason}</li>" for v in blocked)
             note = (f"<details><summary>{len(blocked)} file{'s' if len(blocked) > 1 else ''} in the LoRA folder "
                     f"not offered for this model (why)</summary><ul>{items}</ul></details>")
         elif not loras:
-            note = f"No LoRA files in `{self.ctx.settings.loras_dir}`. Put .safetensors files there and rescan."
-        pair_update = gr.update(visible=bool(pair), value=f"+ add low-noise partner {pair}" if pair else "")
+            note = f"No LoRA files in `{self.ctx.engine.loras_dir}`. Put .safetensors files there and rescan."
+        pair_update = gr.update(visible=bool(pair), value=f"+ add its partner {pair['file']} on the {pair['expert'].replace('_', '-')} expert" if pair else "")
         out = [sl.cap_text(rows, spec), message, pair_update, note if only is None else gr.update()]
         for i, row in enumerate(self.rows):
             if only is not None and i not in only:
@@ -135,12 +138,12 @@ class StackEditor:
                 gr.update(value=r.get("low_noise_weight"), visible=spec.dual_expert),
                 gr.update(value=self.describe(r, info, spec, (report or {}).get(r.get("file")),
                                               self.ctx.coverage(spec.type, r["file"]) if info else None)),
-                gr.update(visible=bool(info and info.get("trigger_words"))),
+                gr.update(visible=bool(info and info.trigger_words)),
             ]
         return out
 
     @staticmethod
-    def describe(row: dict, info: dict | None, spec: ModelSpec, applied: dict | None,
+    def describe(row: dict, info: LoraView | None, spec: ModelSpec, applied: dict | None,
                  predicted: dict | None = None) -> str:
         """One line of inspection for a row: status, rank, family, coverage, triggers, size, memory."""
         if not row.get("file"):
@@ -150,26 +153,28 @@ class StackEditor:
         parts = []
         if row.get("status") == "changed":
             parts.append("⚠ **changed** since the preset was saved")
-        if not info.get("compatible", True):
-            parts.append(f"⚠ **incompatible**: {info.get('reason', '')}")
-        if info.get("rank"):
-            parts.append(f"rank {info['rank']}")
-        if info.get("family"):
-            parts.append(str(info["family"]))
+        if not info.compatible:
+            parts.append(f"⚠ **incompatible**: {info.reason}")
+        if info.rank:
+            parts.append(f"rank {info.rank}")
+        if info.family:
+            parts.append(info.family)
         if applied:
             parts.append(_coverage(applied))
         elif predicted:
             parts.append(sl.count_text(predicted, "match this model"))
-        if info.get("trigger_words"):
-            parts.append("triggers: " + ", ".join(info["trigger_words"][:4]))
-        if info.get("format"):
-            parts.append(str(info["format"]))
-        size, apply_bytes = info.get("size_bytes"), info.get("apply_memory_bytes") or info.get("size_bytes")
-        if size:
+        if info.trigger_words:
+            parts.append("triggers: " + ", ".join(info.trigger_words[:4]))
+        if info.format:
+            parts.append(info.format)
+        if info.size_bytes:
             # merged into the weights: memory only while applying, nothing extra per step
-            parts.append(f"{sl.human_bytes(size)} · +{sl.human_bytes(apply_bytes)} to apply, 0 per step")
-        if info.get("expert_hint") and spec.dual_expert:
-            parts.append(f"made for {str(info['expert_hint']).replace('_', '-')}")
+            apply_bytes = info.apply_memory_bytes or info.size_bytes
+            parts.append(f"{sl.human_bytes(info.size_bytes)} · +{sl.human_bytes(apply_bytes)} to apply, 0 per step")
+        if spec.dual_expert and info.expert:
+            parts.append(f"made for the {info.expert.replace('_', '-')} expert")
+        elif spec.dual_expert and info.two_expert:
+            parts.append("holds both experts")
         return " · ".join(parts)
 
 
@@ -193,22 +198,19 @@ def wire(editor: StackEditor, model: Any, rows_state: Any, report_state: Any, pa
     def spec_of(model_id):
         try:
             return ctx.spec_for(model_id) if model_id else None
-        except Exception as e:  # noqa: BLE001 - any lookup failure just means "no model picked"
+        except WanStackError as e:  # an unknown model id just means "no model picked"
             log.debug("no spec for %r: %s", model_id, e)
             return None
 
     def redraw(model_id, rows, report, message="", pair=None, only=None):
         spec = spec_of(model_id)
-        if message:
-            gr.Warning(message)
-        pair_file = pair["file"] if pair else None
-        return [rows, pair] + editor.render(rows, spec, message, report, pair_file, only)
+        return [rows, pair] + editor.render(rows, spec, message, report, pair, only)
 
     def on_add(model_id, rows, report):
         spec = spec_of(model_id)
         if spec is None:
             return redraw(model_id, rows, report, "pick a model first")
-        reason = sl.can_add(rows, spec, ctx.max_rows)
+        reason = sl.can_add(rows, spec, ctx.max_rows, ctx.engine.cap_problem)
         if reason:
             return redraw(model_id, rows, report, reason, only=set())
         new = rows + [sl.new_row(applies_to=sl.default_applies_to(rows, spec))]
@@ -226,13 +228,16 @@ def wire(editor: StackEditor, model: Any, rows_state: Any, report_state: Any, pa
             return redraw(model_id, rows, report)
         rows = [dict(r) for r in rows]
         i = pair["row"]
+        own = "low_noise" if pair["expert"] == "high_noise" else "high_noise"
         if i < len(rows):
-            rows[i]["applies_to"] = "high_noise"
+            rows[i]["applies_to"] = own
             weight = rows[i].get("weight", 1.0)
         else:
             weight = 1.0
-        candidate = rows + [sl.new_row(pair["file"], weight, "low_noise")]
-        reason = sl.over_cap(candidate, spec) or (f"the editor holds {ctx.max_rows} rows" if len(candidate) > ctx.max_rows else None)
+        info = ctx.lora_info(spec.type, pair["file"])
+        candidate = rows + [{**sl.new_row(pair["file"], weight, pair["expert"]), "sha256": info.sha256 if info else None}]
+        reason = (sl.over_cap(candidate, spec, ctx.engine.cap_problem)
+                  or (f"the editor holds {ctx.max_rows} rows" if len(candidate) > ctx.max_rows else None))
         if reason:
             return redraw(model_id, rows, report, reason)
         return redraw(model_id, candidate, report)
@@ -255,14 +260,22 @@ def _wire_row(i, row: Row, editor, model, rows_state, report_state, prompt, full
             return redraw(model_id, rows, report)
         if file not in ctx.compatible_files(spec.type):
             return redraw(model_id, rows, report, f"{file!r} is not a compatible LoRA in the folder; pick one from the list")
-        info = ctx.lora_info(spec.type, file) or {}
-        rows[i].update(file=file, sha256=info.get("sha256"), status="ok", problem="")
-        pair = None
-        if spec.dual_expert:
+        info = ctx.lora_info(spec.type, file)
+        rows[i].update(file=file, sha256=info.sha256 if info else None, status="ok", problem="")
+        pair, message = None, ""
+        if spec.dual_expert and info is not None and info.expert:
+            # a file made for one expert acts on that expert only (and counts against that expert's cap)
+            candidate = [dict(r) for r in rows]
+            candidate[i]["applies_to"] = info.expert
+            if sl.over_cap(candidate, spec, ctx.engine.cap_problem) is None:
+                rows = candidate
+            else:
+                message = f"{file} is made for the {info.expert.replace('_', '-')} expert, which is full"
             partner = sl.pair_partner(file, ctx.compatible_files(spec.type))
             if partner and partner not in {r.get("file") for r in rows}:
-                pair = {"row": i, "file": partner}
-        return redraw(model_id, rows, report, pair=pair, only={i})
+                other = "low_noise" if info.expert == "high_noise" else "high_noise"
+                pair = {"row": i, "file": partner, "expert": other}
+        return redraw(model_id, rows, report, message, pair=pair, only={i})
 
     def on_slider(rows, value):
         rows = [dict(r) for r in rows]
@@ -273,9 +286,8 @@ def _wire_row(i, row: Row, editor, model, rows_state, report_state, prompt, full
     def on_weight(rows, value):
         rows = [dict(r) for r in rows]
         if value is None or not -10 <= float(value) <= 10:
-            gr.Warning("weight must be a number between -10 and 10")
             old = rows[i]["weight"] if i < len(rows) else 1.0
-            return rows, gr.update(), gr.update(value=old)
+            return rows, gr.update(), gr.update(value=old)  # typed outside [-10, 10]: the box goes back
         if i < len(rows):
             rows[i]["weight"] = float(value)
         return rows, gr.update(value=sl.clamp_slider(value)), gr.update()
@@ -284,7 +296,6 @@ def _wire_row(i, row: Row, editor, model, rows_state, report_state, prompt, full
         rows = [dict(r) for r in rows]
         if i < len(rows):
             if value is not None and not -10 <= float(value) <= 10:
-                gr.Warning("low-noise weight must be between -10 and 10")
                 return rows, gr.update(value=rows[i].get("low_noise_weight"))
             rows[i]["low_noise_weight"] = None if value is None else float(value)
         return rows, gr.update()
@@ -299,9 +310,8 @@ def _wire_row(i, row: Row, editor, model, rows_state, report_state, prompt, full
                 return rows, gr.update(), gr.update(), ""
             candidate = [dict(r) for r in rows]
             candidate[i][field] = value
-            message = sl.over_cap(candidate, spec)
+            message = sl.over_cap(candidate, spec, ctx.engine.cap_problem)
             if message:
-                gr.Warning(message)
                 return rows, gr.update(value=rows[i][field]), sl.cap_text(rows, spec), message
             return candidate, gr.update(), sl.cap_text(candidate, spec), ""
 
@@ -321,8 +331,8 @@ def _wire_row(i, row: Row, editor, model, rows_state, report_state, prompt, full
         spec = spec_of(model_id)
         if spec is None or i >= len(rows):
             return gr.update()
-        info = ctx.lora_info(spec.type, rows[i].get("file")) or {}
-        words = [w for w in info.get("trigger_words") or [] if w not in (text or "")]
+        info = ctx.lora_info(spec.type, rows[i].get("file"))
+        words = [w for w in (info.trigger_words if info else ()) if w not in (text or "")]
         return ", ".join([t for t in [(text or "").strip()] + words if t])
 
     row.file.input(on_file, [model, rows_state, report_state, row.file], full, **PRIVATE)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from engine.catalog import ModelSpec
+from engine.port import ModelSpec
 from engine.types import LoraEntry, RequestError, Stack
 
 EXPERT_LABEL = {"high_noise": "high-noise expert", "low_noise": "low-noise expert", "single": "model"}
@@ -43,26 +43,21 @@ def cap_text(rows: list[dict[str, Any]], spec: ModelSpec) -> str:
     return " · ".join(f"{n}/{spec.lora_cap} on {EXPERT_LABEL[e]}" for e, n in counts(rows, spec).items())
 
 
-def over_cap(rows: list[dict[str, Any]], spec: ModelSpec) -> str | None:
-    """The refusal message when some expert holds more than the cap, else None."""
-    for expert, n in counts(rows, spec).items():
-        if n > spec.lora_cap:
-            return (
-                f"LoRA cap reached: {spec.type} takes at most {spec.lora_cap} enabled LoRAs on the "
-                f"{EXPERT_LABEL[expert]} (this would make {n}). Disable or remove a row"
-                + (", move one to the other expert" if spec.dual_expert else "")
-                + f", or restart with --lora-cap {spec.type}={n}."
-            )
-    return None
+def over_cap(rows: list[dict[str, Any]], spec: ModelSpec, cap_problem) -> str | None:
+    """The engine's refusal message when some expert would hold more than the cap, else None.
+    `cap_problem` is the engine's one cap rule (EnginePort.cap_problem)."""
+    stack = Stack(tuple(LoraEntry(r["file"], applies_to=r.get("applies_to") or "both", enabled=bool(r.get("enabled", True)))
+                        for r in rows if r.get("file")))
+    return cap_problem(spec.type, stack)
 
 
-def can_add(rows: list[dict[str, Any]], spec: ModelSpec, max_rows: int) -> str | None:
+def can_add(rows: list[dict[str, Any]], spec: ModelSpec, max_rows: int, cap_problem) -> str | None:
     """Why another enabled row cannot be added (None if it can)."""
     if len(rows) >= max_rows:
         return f"the editor holds {max_rows} rows; remove one first"
     full = [e for e, n in counts(rows, spec).items() if n >= spec.lora_cap]
     if len(full) == len(spec.experts):  # a new row could still go to a free expert otherwise
-        return over_cap(rows + [new_row("(new)")], spec)
+        return over_cap(rows + [new_row("(new)")], spec, cap_problem)
     return None
 
 
@@ -84,21 +79,28 @@ def move(rows: list[dict[str, Any]], index: int, delta: int) -> list[dict[str, A
 
 
 _HIGH = re.compile(r"high", re.IGNORECASE)
+_LOW = re.compile(r"low", re.IGNORECASE)
 
 
 def pair_partner(file: str, available: list[str]) -> str | None:
-    """For a '...high...' file, its '...low...' partner in the folder, matching the case of each hit."""
-    if not file or not _HIGH.search(file):
+    """For a '...high...' file its '...low...' partner in the folder (and the other way round), matching
+    the case of each hit; the hit nearest the end (the file name beats the folder) is tried first."""
+    if not file:
         return None
+    for pattern, other in ((_HIGH, "low"), (_LOW, "high")):
+        hits = list(pattern.finditer(file))
+        if not hits:
+            continue
 
-    def swap(m: re.Match) -> str:
-        s = m.group(0)
-        return "LOW" if s.isupper() else "Low" if s[0].isupper() else "low"
+        def swap(m: re.Match, other=other) -> str:
+            s = m.group(0)
+            return other.upper() if s.isupper() else other.capitalize() if s[0].isupper() else other
 
-    # try replacing each occurrence alone (last first: the file name beats the folder), then all
-    hits = list(_HIGH.finditer(file))
-    candidates = [file[: m.start()] + swap(m) + file[m.end():] for m in reversed(hits)] + [_HIGH.sub(swap, file)]
-    return next((c for c in candidates if c in available and c != file), None)
+        candidates = [file[: m.start()] + swap(m) + file[m.end():] for m in reversed(hits)] + [pattern.sub(swap, file)]
+        found = next((c for c in candidates if c in available and c != file), None)
+        if found:
+            return found
+    return None
 
 
 def clamp_slider(weight: float) -> float:

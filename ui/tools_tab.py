@@ -15,7 +15,8 @@ PRIVATE = dict(api_visibility="private", queue=False, show_progress="hidden")
 
 
 def inspection_markdown(info: dict) -> str:
-    """The headline fields of an inspection as a small table, coverage per expert underneath."""
+    """The headline fields of an inspection as a small table; with a model, the keys that match it per expert
+    (an inspection applies nothing: it says what a merge would apply)."""
     rows = [
         ("format", info.get("format") or info.get("naming")), ("rank", info.get("rank")),
         ("alpha", info.get("alpha")), ("made for", info.get("family")),
@@ -24,9 +25,13 @@ def inspection_markdown(info: dict) -> str:
         ("size", f"{(info.get('size_bytes') or 0) / 1024:.1f} KB"), ("sha256", (info.get("sha256") or "")[:16]),
     ]
     lines = ["| field | value |", "|---|---|"] + [f"| {k} | {v if v is not None else '–'} |" for k, v in rows]
-    by_expert = info.get("coverage_by_expert") or ({"model": info["coverage"]} if info.get("coverage") else {})
+    model = info.get("model") or {}
+    by_expert = info.get("coverage_by_expert") or {}
+    if model:
+        lines.append(f"\n**On {model.get('label') or model.get('type')}** (what a merge or a run would apply):")
     for expert, cov in by_expert.items():
-        lines.append(f"\n**{expert}**: {cov.get('applied', 0)}/{cov.get('total', 0)} keys applied"
+        name = "model" if expert == "single" else expert.replace("_", "-") + " expert"
+        lines.append(f"\n- **{name}**: {cov.get('applied', 0)}/{cov.get('total', 0)} keys match"
                      + (f", {len(cov.get('unmatched') or [])} unmatched" if cov.get("unmatched") else "")
                      + (f", {len(cov.get('shape_mismatch') or [])} shape mismatches" if cov.get("shape_mismatch") else ""))
     if info.get("compatible") is False:
@@ -34,50 +39,66 @@ def inspection_markdown(info: dict) -> str:
     return "\n".join(lines)
 
 
-def build_tools_tab(ctx: UIContext, model, rows_state) -> None:
+def merge_plan_markdown(ctx: UIContext, model_id: str | None, rows: list[dict]) -> str:
+    """What the merge button will do: which model, which stack."""
+    if not model_id:
+        return "⚠ pick a model on the Generate tab first"
+    entries = [r for r in rows or [] if r.get("file") and r.get("enabled", True)]
+    if not entries:
+        return f"Will copy **{model_id}**, but the stack is empty: add LoRAs on the Generate tab first."
+    items = "\n".join(f"- `{r['file']}` × {r.get('weight', 1.0):g}"
+                      + (f" on the {r['applies_to'].replace('_', '-')} expert" if r.get("applies_to", "both") != "both" else "")
+                      for r in entries)
+    return f"Will merge into a copy of **{model_id}**:\n{items}"
+
+
+def build_tools_tab(ctx: UIContext, model, rows_state, default_model: str | None) -> None:
     """Inside a gr.Tab. `model` and `rows_state` are the Generate tab's model picker and current stack."""
     engine = ctx.engine
-    model_ids = [m.id for m in ctx.usable_models()]
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=360):
             gr.Markdown("### Merge the current stack into a new model\nBakes the Generate tab's stack into the "
                         "right experts of a copy of the model in the models folder, for sharing or quantising. "
                         "Unchanged parts are linked, not rewritten.")
-            name = gr.Textbox(label="New model folder name", placeholder="e.g. my-model-anime", elem_id="merge-name")
-            dtype = gr.Dropdown(DTYPES, value="", label="Weights dtype", elem_id="merge-dtype")
+            what = gr.Markdown(merge_plan_markdown(ctx, default_model, []), elem_id="merge-what")
+            name = gr.Textbox(label="New model folder name", placeholder="e.g. my-model-anime", elem_id="merge-name",
+                              info="a plain folder name; it appears in the model list when done")
+            dtype = gr.Dropdown(DTYPES, value="", label="Weights dtype", elem_id="merge-dtype",
+                                info="cast the merged experts, or keep what the model stores")
             merge_btn = gr.Button("Merge stack into new model", variant="primary", elem_id="merge-run")
             merge_status = gr.Markdown("", elem_id="merge-status")
             merge_json = gr.JSON(label="merge report", open=False, elem_id="merge-report")
         with gr.Column(scale=1, min_width=360):
             gr.Markdown("### Inspect a LoRA file")
             with gr.Row():
-                lora = gr.Dropdown(_all_files(ctx), label="LoRA file", scale=3,
-                                   elem_id="inspect-file")
-                against = gr.Dropdown([("no model", "")] + [(m, m) for m in model_ids], value="",
-                                      label="Coverage on model", scale=2, elem_id="inspect-model")
+                lora = gr.Dropdown(_all_files(ctx), label="LoRA file", scale=3, elem_id="inspect-file",
+                                   info="any file in the LoRA folder")
+                against = gr.Dropdown([("no model", "")] + [(m.id, m.id) for m in ctx.usable_models()],
+                                      value=default_model or "", label="Coverage on model", scale=2,
+                                      elem_id="inspect-model", info="which keys match this model")
             with gr.Row():
                 inspect_btn = gr.Button("Inspect", elem_id="inspect-run")
-                rescan = gr.Button("↻ Rescan folder", size="sm")
+                rescan = gr.Button("↻ Rescan LoRA folder", size="sm", elem_id="inspect-rescan")
             table = gr.Markdown("", elem_id="inspect-table")
             full = gr.JSON(label="full inspection", open=False, elem_id="inspect-json")
 
-    def on_merge(model_id, rows, folder, dt, progress=gr.Progress()):
+    def on_merge(model_id, rows, folder, dt):
         try:
             stack = sl.to_stack(rows)
             if not stack.entries:
-                return "⚠ the stack is empty: add LoRAs on the Generate tab first", None, gr.update()
-            ctx.check_stack(ctx.spec_for(model_id), stack)
-            report = engine.merge_stack(model_id, stack, folder, dtype=dt or None,
-                                        on_progress=lambda done, total, _name: progress((done, total), desc="merging"))
+                return "⚠ the stack is empty: add LoRAs on the Generate tab first", None, gr.update(), gr.update()
+            report = engine.merge_stack(model_id, stack, folder, dtype=dt or None)
         except WanStackError as e:
-            return f"⚠ {e}", None, gr.update()
+            return f"⚠ {e}", None, gr.update(), gr.update()
         log.info("merged %s into %s", model_id, report.get("out"))
-        choices = [(ctx.model_label(m), m.id) for m in ctx.usable_models()]
+        models = ctx.usable_models()
         return (f"✓ wrote **{report.get('out')}** in {report.get('seconds', 0):.1f} s; pick it in the model list",
-                report, gr.update(choices=choices))
+                report, gr.update(choices=[(m.display, m.id) for m in models]),
+                gr.update(choices=[("no model", "")] + [(m.id, m.id) for m in models]))
 
-    merge_btn.click(on_merge, [model, rows_state, name, dtype], [merge_status, merge_json, model],
-                    api_visibility="private", concurrency_limit=1, concurrency_id="gpu")
+    merge_btn.click(on_merge, [model, rows_state, name, dtype], [merge_status, merge_json, model, against],
+                    api_visibility="private", concurrency_limit=1, concurrency_id="gpu", show_progress="minimal",
+                    show_progress_on=[merge_status])
 
     def on_inspect(file, model_id):
         if not file:
@@ -90,8 +111,12 @@ def build_tools_tab(ctx: UIContext, model, rows_state) -> None:
 
     inspect_btn.click(on_inspect, [lora, against], [table, full], **PRIVATE)
     rescan.click(lambda: gr.update(choices=_all_files(ctx, refresh=True)), None, [lora], **PRIVATE)
+    # the tab follows the Generate tab: its model and stack are what a merge takes
+    for trigger in (model.change, rows_state.change):
+        trigger(lambda m, rows: merge_plan_markdown(ctx, m, rows), [model, rows_state], [what], **PRIVATE)
+    model.change(lambda m: gr.update(value=m or ""), [model], [against], **PRIVATE)
 
 
 def _all_files(ctx: UIContext, refresh: bool = False) -> list[str]:
     """Every LoRA file in the folder, whatever model it was made for (model_type None: no filter)."""
-    return [d["file"] for d in ctx.loras(None, refresh=refresh)]
+    return [v.file for v in ctx.loras(None, refresh=refresh)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.types import GenerationRequest, LoraEntry, RequestError, Stack, StepInfo
+from engine.types import OFFLOAD_CHOICES, GenerationRequest, LoraEntry, RequestError, Stack
 
 
 def register(sub) -> None:
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--guidance-2", type=float)
     p.add_argument("--shift", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group", "sequential"])
+    p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
     p.add_argument("--ignore-memory-plan", action="store_true",
                    help="run even when the memory plan says it cannot fit (refused otherwise)")
     p.add_argument("--out", required=True, help="the MP4 to write")
@@ -154,11 +154,15 @@ def cmd_generate(args):
         ignore_memory_plan=args.ignore_memory_plan,
     )
 
-    def on_event(kind, payload):
-        if kind == "step" and isinstance(payload, StepInfo):
-            print(f"step {payload.step}/{payload.total} ({payload.expert}) {payload.seconds:.2f}s", file=sys.stderr)
-        elif kind in ("status", "retry"):
-            print(payload, file=sys.stderr)
+    from engine.port import Retry, Status, Step
+
+    def on_event(event):
+        if isinstance(event, Step):
+            print(f"step {event.step}/{event.total} ({event.expert}) {event.seconds:.2f}s", file=sys.stderr)
+        elif isinstance(event, Status):
+            print(event.text, file=sys.stderr)
+        elif isinstance(event, Retry):
+            print(event.message, file=sys.stderr)
 
     result = engine.generate(req, on_event, out_path=args.out)
     if args.json:

@@ -5,6 +5,7 @@ import importlib
 import importlib.util
 from pathlib import Path
 
+from engine.dtypes import CAST_CHOICES
 from engine.types import Stack
 
 # Modules that add more subcommands to the `lora` group: each has register(lora_sub).
@@ -27,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--lora", required=True, action="append", metavar="SPEC",
                    help="PATH[=WEIGHT[,APPLIES_TO]]; repeatable, applied in order")
     p.add_argument("--out", required=True, type=Path, help="new folder to write (must not exist)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+    p.add_argument("--dtype", choices=CAST_CHOICES,
                    help="cast the experts' weights (merged on the cast weights); default: keep the stored dtype")
     p.add_argument("--skip-failing", action="store_true", help="leave out a LoRA that fails to load, and report it")
     p.add_argument("--allow-pickle", action="store_true", help="also read .pt/.ckpt/.bin with torch.load(weights_only=True)")
@@ -40,10 +41,10 @@ def register(sub) -> None:
 
 
 def cmd_inspect(args):
-    from engine.lora.manager import LoraManager
+    from engine.lora.library import LoraLibrary
 
     file = args.file.expanduser().resolve()
-    info = LoraManager(file.parent, allow_pickle=args.allow_pickle).inspect(file, args.model)
+    info = LoraLibrary(file.parent, allow_pickle=args.allow_pickle).inspect(file, args.model)
     if args.json:
         return info
     return _inspect_table(info)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-DTYPES = ("bf16", "fp16", "fp32")
+from engine.dtypes import CAST_CHOICES as DTYPES
 
 
 def register(lora_sub) -> None:

@@ -1,6 +1,7 @@
 """`vram` and `plan` commands (memory governor)."""
 from __future__ import annotations
 
+from engine.dtypes import CAST_CHOICES
 from engine.types import OFFLOAD_CHOICES, RequestError
 
 
@@ -19,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--ram", metavar="SIZE", help="plan for this much available system RAM, e.g. 64GiB")
     p.add_argument("--reserve", metavar="SIZE", default="1GiB", help="VRAM kept free for other apps (default 1GiB)")
     p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype on the GPU")
+    p.add_argument("--dtype", default="bf16", choices=CAST_CHOICES, help="weights dtype on the GPU")
     p.add_argument("--storage", help="transformer storage kept in memory: fp8_scaled, fp8_e4m3fn, gguf-Q8_0, gguf-Q4_K, ...")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
@@ -52,15 +53,10 @@ def cmd_plan(args):
     from engine.catalog import get_spec
     from engine.memory import MemorySnapshot, Workload, choose_offload, gib, parse_bytes
 
+    from engine.request import check_geometry
+
     spec = get_spec(args.model_type)
-    height = args.height or spec.height
-    width = args.width or spec.width
-    frames = args.frames or spec.frames
-    for name, value in (("--height", height), ("--width", width)):
-        if value < spec.size_multiple or value % spec.size_multiple:
-            raise RequestError(f"{name} {value} must be a positive multiple of {spec.size_multiple} for {spec.type}")
-    if frames < 1 or (frames - 1) % 4:
-        raise RequestError(f"--frames {frames} must be 4k+1 (e.g. 49, 81, 121): Wan's VAE packs 4 frames per latent")
+    width, height, frames = check_geometry(spec, args.width, args.height, args.frames, flag="--")
     if args.loras < 0:
         raise RequestError(f"--loras {args.loras} must be 0 or more")
     reserve = parse_bytes(args.reserve, "--reserve")

@@ -1,6 +1,6 @@
 """Bake a LoRA stack into a copy of a diffusers-layout Wan model folder (`python -m engine lora merge`).
 
-Lean: the LoRA engine plans the stack from the safetensors headers alone (LoraManager.plan), then
+Lean: the LoRA engine plans the stack from the safetensors headers alone (planning.plan_stack), then
 engine/lora/rewrite.py streams each shard of the touched experts tensor by tensor through the
 engine's own merge math (merge.merged_tensor, the code in-place application runs), so peak RAM is
 about one tensor plus the stack's patches. Unchanged components are hard-linked, the copy is
@@ -17,7 +17,6 @@ from engine.lora import rewrite, shards
 from engine.types import RequestError, Stack
 
 log = logging.getLogger(__name__)
-MERGE_RECORD = rewrite.MERGE_MARKER
 
 
 def merge_model(
@@ -42,8 +41,9 @@ def merge_model(
     Entry files are taken as given (absolute or relative to the working directory) unless `resolve` is set.
     """
     from engine.detect import detect
-    from engine.lora.manager import LoraManager
+    from engine.lora.library import LoraLibrary
     from engine.lora.merge import merged_tensor, model_param_shapes
+    from engine.lora.planning import plan_stack
 
     src, out = Path(model_dir), Path(out_dir)
     rewrite.check_output(src, out)
@@ -59,9 +59,10 @@ def merge_model(
         def resolve(file: str) -> Path:
             return Path(file).expanduser().resolve()
 
-    manager = LoraManager(Path.cwd(), allow_pickle=allow_pickle)
+    library = LoraLibrary(Path.cwd(), allow_pickle=allow_pickle)
     shapes = {e: model_param_shapes(src / EXPERT_COMPONENT[e]) for e in spec.experts}
-    desired, results = manager.plan(spec, stack, shapes, skip_failing=skip_failing, resolve=resolve)
+    plan = plan_stack(library, spec, stack, shapes, skip_failing=skip_failing, resolve=resolve, allow_schedules=False)
+    desired, results = plan.desired, plan.rows
     expert_of = {EXPERT_COMPONENT[e]: e for e in spec.experts}
     touched = {EXPERT_COMPONENT[e] for e, params in desired.items()
                if any(c.weight != 0.0 for cs in params.values() for c in cs)}

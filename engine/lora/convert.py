@@ -12,7 +12,6 @@ stays, and the file's metadata is kept. Module names go through engine.lora.name
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from engine.lora.errors import LoraFormatError
@@ -124,14 +123,10 @@ def write_lora_file(path: Path, tensors: dict, metadata: dict[str, str]) -> None
     """Write atomically (temp file in the same folder, then os.replace), so a failure leaves no partial file."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    from engine.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or None)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def convert_file(src: Path, to: str, out: Path, *, allow_pickle: bool = False) -> dict:

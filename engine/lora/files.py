@@ -372,15 +372,10 @@ def read_lora_shapes(path: str | Path, *, sha256: str | None = None) -> LoraFile
 
 
 def _st_dtypes():
-    import torch
+    from engine.dtypes import DTYPES, torch_dtype
 
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-    for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-        if hasattr(torch, attr):
-            table[name] = getattr(torch, attr)
-    return table
+    table = {d.st_code: torch_dtype(d.name) for d in DTYPES}
+    return {code: dtype for code, dtype in table.items() if dtype is not None}
 
 
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

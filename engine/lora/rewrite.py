@@ -13,11 +13,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+from engine.fileio import atomic_path
 from engine.lora import shards
 from engine.types import RequestError
 
@@ -167,31 +167,25 @@ def rewrite_model(
     counts: dict[str, int] = {}
     changed: dict[str, int] = {}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        for item in sorted(model_dir.iterdir()):
-            if item.name in rewrite:
-                changed[item.name] = _rewrite_component(item, tmp / item.name, item.name, merge, target_dtype,
-                                                        progress, done_total, counts, keep_fp32)
-            elif item.is_dir():
-                _mirror(item, tmp / item.name, counts)
-            else:
-                how = _link_or_copy(item, tmp / item.name)
-                counts[how] = counts.get(how, 0) + 1
-        if marker is not None:
-            (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # check_output allowed only an empty folder
-        os.replace(tmp, out_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(out_dir, directory=True) as tmp:
+            for item in sorted(model_dir.iterdir()):
+                if item.name in rewrite:
+                    changed[item.name] = _rewrite_component(item, tmp / item.name, item.name, merge, target_dtype,
+                                                            progress, done_total, counts, keep_fp32)
+                elif item.is_dir():
+                    _mirror(item, tmp / item.name, counts)
+                else:
+                    how = _link_or_copy(item, tmp / item.name)
+                    counts[how] = counts.get(how, 0) + 1
+            if marker is not None:
+                (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            if out_dir.exists():
+                out_dir.rmdir()  # check_output allowed only an empty folder
+    except OSError as e:  # atomic_path removed the partial folder
         if e.errno == errno.ENOSPC:
             raise RequestError(f"disk full while writing {out_dir}; nothing was left behind, free space and retry") from None
         raise RequestError(f"could not write {out_dir}: {e}; nothing was left behind") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "out": str(out_dir),
         "source": str(model_dir),

@@ -21,35 +21,24 @@ log = logging.getLogger(__name__)
 # Expert components of a diffusers Wan folder, in expert order (high-noise first for A14B).
 EXPERT_COMPONENTS = ("transformer", "transformer_2")
 
-# safetensors dtype codes <-> torch dtype names; filled lazily so importing this module stays torch-free.
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
-DTYPE_CHOICES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 def torch_dtype(name: str):
-    """`bf16` / `bfloat16` / `BF16` -> torch.bfloat16."""
-    import torch
+    """`bf16` / `bfloat16` / `BF16` -> torch.bfloat16 (engine/dtypes.py is the table)."""
+    from engine.dtypes import CAST_CHOICES, torch_dtype as lookup
 
-    key = DTYPE_CHOICES.get(name, _ST_DTYPES.get(name, name))
-    value = getattr(torch, key, None)
-    if not isinstance(value, torch.dtype):
-        raise RequestError(f"dtype {name!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    value = lookup(name)
+    if value is None:
+        raise RequestError(f"dtype {name!r} is not one of {', '.join(CAST_CHOICES)}")
     return value
 
 
 def st_dtype_code(dtype) -> str:
     """torch.bfloat16 (or 'bf16') -> 'BF16' (the safetensors header code)."""
-    if isinstance(dtype, str):
-        dtype = torch_dtype(dtype)
-    wanted = str(dtype).removeprefix("torch.")
-    for code, name in _ST_DTYPES.items():
-        if name == wanted:
-            return code
-    raise RequestError(f"dtype {dtype} cannot be stored in safetensors")
+    from engine.dtypes import lookup
+
+    try:
+        return lookup(dtype if isinstance(dtype, str) else str(dtype)).st_code
+    except RequestError:
+        raise RequestError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
 def component_files(component_dir: Path) -> dict[str, Path]:

@@ -21,15 +21,8 @@ __all__ = [
     "DEFAULT_RESERVE_BYTES", "Estimate", "GpuInfo", "MemorySample", "MemorySnapshot", "MemoryWatch",
     "NotEnoughMemory", "OffloadMode", "OffloadPlan", "TransientCheck", "Workload", "check_stack_transient",
     "choose_offload", "estimate", "gib", "parse_bytes", "plan_for", "require_stack_transient",
-    "run_with_oom_recovery", "snapshot", "governed_run",
+    "run_with_oom_recovery", "snapshot",
 ]
-
-
-def governed_run(*args, **kwargs):
-    """engine.memory.governor.governed_run (imported on first use: it pulls in the offload module)."""
-    from engine.memory.governor import governed_run as run
-
-    return run(*args, **kwargs)
 
 
 def snapshot(nvml: Any = None, psutil_module: Any = None) -> MemorySnapshot:

@@ -38,9 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.catalog import ModelSpec
+from engine.dtypes import WEIGHT_BYTES
+from engine.types import OFFLOAD_MODES
 from engine.memory.units import MIB
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+DTYPE_BYTES = WEIGHT_BYTES  # engine/dtypes.py
 # Transformer storages that stay as stored in memory (engine/models: fp8 upcast per layer, GGUF dequantized per
 # layer), in bytes per parameter: GGML block bytes / values per block (ggml-common.h block_q* structs).
 # bf16/fp16/fp32 files are cast to the compute dtype at load, so they cost DTYPE_BYTES of that dtype.
@@ -61,7 +63,7 @@ UNTILED_OUTPUT_COPIES, TILED_OUTPUT_COPIES = 2, 4
 LORA_MERGE_BYTES_PER_PARAM = 14
 PROCESS_BASE_RAM_BYTES = 2048 * MIB  # Python, torch, diffusers and the tokenizer, before any weights
 
-MODES = ("none", "model", "group", "sequential")
+MODES = OFFLOAD_MODES
 
 
 @dataclass(frozen=True)

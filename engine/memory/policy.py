@@ -3,32 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from engine.memory.estimate import Estimate, Workload
 from engine.memory.snapshot import MemorySnapshot
 from engine.memory.units import GIB, gib
-from engine.types import OFFLOAD_CHOICES, RequestError
+from engine.types import OFFLOAD_CHOICES, OffloadMode, RequestError
 
 DEFAULT_RESERVE_BYTES = 1 * GIB  # left free for the desktop, the browser and other apps
-
-
-class OffloadMode(str, Enum):
-    NONE = "none"
-    MODEL = "model"
-    GROUP = "group"
-    SEQUENTIAL = "sequential"
-
-    @property
-    def label(self) -> str:
-        return {"none": "no offload", "model": "model offload", "group": "group offload",
-                "sequential": "sequential offload"}[self.value]
-
-    def heavier(self) -> "OffloadMode | None":
-        order = list(OffloadMode)
-        i = order.index(self)
-        return order[i + 1] if i + 1 < len(order) else None
 
 
 @dataclass(frozen=True)
@@ -196,12 +178,12 @@ def _plan_for_cpu(snapshot: MemorySnapshot, workload: Workload, choice: str) -> 
     if choice not in ("auto", "none"):
         reasons.append(f"Offload mode {choice!r} has no effect on the CPU; using none.")
     if ram is None:
-        reasons.append(f"needs about {gib(est.ram_bytes)} of RAM (available RAM unknown)")
+        reasons.append(f"Needs about {gib(est.ram_bytes)} of RAM (available RAM unknown).")
     elif fits:
-        reasons.append(f"needs {gib(est.ram_bytes)} of RAM, {gib(ram)} available: fits")
+        reasons.append(f"Needs {gib(est.ram_bytes)} of RAM, {gib(ram)} available: fits.")
     else:
-        reasons.append(f"needs {gib(est.ram_bytes)} of RAM, only {gib(ram)} available: lower the frames or "
-                       f"the resolution, or use a machine with a GPU")
+        reasons.append(f"Needs {gib(est.ram_bytes)} of RAM, only {gib(ram)} available: lower the frames or "
+                       f"the resolution, or use a machine with a GPU.")
     if est.vae_tiling:
         reasons.append("VAE tiling is on to keep the decode within RAM.")
     reasons.append("The CPU computes in fp32 and is very slow for real models; the demo models are meant for it.")

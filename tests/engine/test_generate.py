@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from engine.facade import Engine, Settings
+from engine.port import Failed, Step, VideoChunk
 from engine.types import GenerationCancelled, GenerationRequest
 from engine.video import read_metadata
 
@@ -35,13 +36,13 @@ def test_every_architecture_writes_the_requested_video(arch, demo_model, tmp_pat
     result = engine.generate(
         GenerationRequest(model=model.name, prompt="a cat", image=image, width=width, height=height, frames=13,
                           steps=2, seed=7),
-        lambda kind, payload: steps.append(payload) if kind == "step" else None,
+        lambda event: steps.append(event) if isinstance(event, Step) else None,
     )
     frames = _frames(result.path)
     assert frames.shape == (13, height, width, 3)
     assert (result.frames, result.width, result.height) == (13, width, height)
     assert [s.step for s in steps] == [1, 2]
-    assert all(s.preview and s.preview[0].size[0] >= 160 for s in steps)
+    assert all(s.preview_gif and s.preview_gif[:6] == b"GIF89a" for s in steps)  # encoded bytes, not images
     meta = read_metadata(result.path)
     assert meta["seed"] == 7 and meta["model_type"] == f"demo-{arch}" and meta["prompt"] == "a cat"
     assert Path(result.path).with_suffix(".json").exists()
@@ -77,16 +78,23 @@ def test_cancel_stops_within_one_step_and_the_engine_stays_usable(demo_model, tm
     engine = _engine(model, tmp_path)
     seen = []
 
-    def on_event(kind, payload):
-        if kind == "step":
-            seen.append(payload.step)
-            if payload.step == 2:
+    failed = []
+
+    def on_event(event):
+        if isinstance(event, Step):
+            seen.append(event.step)
+            if event.step == 2:
                 engine.cancel()
+        elif isinstance(event, Failed):
+            failed.append(event)
 
     with pytest.raises(GenerationCancelled, match="after step 2 of 6"):
         engine.generate(GenerationRequest(model=model.name, prompt="x", steps=6, seed=1), on_event)
     assert seen == [1, 2]
+    assert [f.cancelled for f in failed] == [True]
     assert not list(tmp_path.rglob("*.mp4"))
+    [record] = engine.outputs()  # the stopped run is listed for the gallery, with its settings
+    assert record.status == "stopped" and record.video is None and "step 2 of 6" in record.message
     result = engine.generate(GenerationRequest(model=model.name, prompt="x", steps=1, seed=1))
     assert _frames(result.path).shape[0] == 9
 
@@ -96,7 +104,7 @@ def test_streamed_chunks_add_up_to_the_video(demo_model, tmp_path):
     chunks = []
     result = _engine(model, tmp_path).generate(
         GenerationRequest(model=model.name, prompt="x", steps=1, seed=3, frames=13),
-        lambda kind, payload: chunks.append(payload) if kind == "video_chunk" else None,
+        lambda event: chunks.append(event.path) if isinstance(event, VideoChunk) else None,
         stream_video=True,
     )
     lengths = [imageio_ffmpeg.count_frames_and_secs(c)[0] for c in chunks]

@@ -9,6 +9,7 @@ import torch
 
 from engine.facade import Engine, Settings
 from engine.memory import NotEnoughMemory
+from engine.port import Memory, Plan, Retry, StackApplied, Step
 from engine.types import GenerationRequest
 
 
@@ -35,9 +36,9 @@ def test_plan_comes_before_the_first_step_and_is_in_the_result(demo_model, tmp_p
     model = demo_model("wan2.1-t2v-1.3b")
     kinds = []
     result = _engine(model, tmp_path).generate(GenerationRequest(model=model.name, prompt="x", steps=2, seed=1),
-                                               lambda kind, payload: kinds.append(kind))
-    assert kinds.index("plan") < kinds.index("loras") < kinds.index("step")
-    assert "memory" in kinds
+                                               lambda event: kinds.append(type(event)))
+    assert kinds.index(Plan) < kinds.index(StackApplied) < kinds.index(Step)
+    assert Memory in kinds
     assert result.plan["mode"] == result.offload and result.plan["reasons"]
     assert result.peak_ram_bytes and result.peak_ram_bytes > 0
 
@@ -49,7 +50,7 @@ def test_an_out_of_memory_is_retried_with_the_next_plan_and_finishes(demo_model,
     reference = iio.imread(engine.generate(req).path)
     calls = _oom_forward(engine._generator._pipe.transformer, failures=1)
     retries = []
-    result = engine.generate(req, lambda kind, payload: retries.append(payload) if kind == "retry" else None)
+    result = engine.generate(req, lambda event: retries.append(event.message) if isinstance(event, Retry) else None)
     assert calls["n"] > 1
     assert retries == ["retried with model offload after out-of-memory"]
     assert result.notes == retries and result.offload == "model" and result.plan["vae_tiling"]

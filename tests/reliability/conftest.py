@@ -1,4 +1,4 @@
-"""Fixtures for the reliability suite: a small real disk that fills up (tmpfs) and scripted child processes."""
+"""Fixtures for the reliability suite: a small real disk that fills up (tmpfs) and a launched app."""
 from __future__ import annotations
 
 import subprocess
@@ -34,17 +34,56 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-def fill(folder: Path) -> None:
-    """Fill the disk under `folder` to the last byte."""
-    for name, chunk in (("filler", 4096), ("filler-tail", 1)):
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_app(root: Path, *extra: str, timeout_s: float = 240):
+    """`python app.py` on fresh folders under `root`; returns (process, url). The caller stops it."""
+    import shutil
+    import time
+    import urllib.request
+
+    if not (root / "presets").exists():
+        shutil.copytree(ROOT / "presets", root / "presets")
+    port = free_port()
+    log = open(root / "app.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--server-port", str(port), "--models-dir", str(root / "models"),
+         "--loras-dir", str(root / "loras"), "--presets-dir", str(root / "presets"),
+         "--outputs-dir", str(root / "outputs"), "--data-dir", str(root / "data"), *extra],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited: {(root / 'app.log').read_text()[-3000:]}")
         try:
-            with open(folder / name, "wb", buffering=0) as f:
-                while True:
-                    f.write(b"\0" * chunk)
+            urllib.request.urlopen(url + "/gradio_api/info", timeout=2)
+            return proc, url
         except OSError:
-            pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"app did not start in {timeout_s} s")
+            time.sleep(0.5)
 
 
-def python(code: str, **kw) -> subprocess.Popen:
-    """A child Python running `code` with the repo importable."""
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, **kw)
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def hostile_app(tmp_path_factory):
+    """One launched app for the hostile-request and load tests: 1 MB upload/body limit, a queue of 3."""
+    root = tmp_path_factory.mktemp("hostile-app")
+    proc, url = launch_app(root, "--max-upload", "1mb", "--queue-size", "3")
+    yield {"url": url, "root": root, "proc": proc}
+    stop(proc)

@@ -92,3 +92,22 @@ def test_cli_generate_with_a_preset(demo_model, demo_loras_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)
     assert [r["status"] for r in summary["loras"]] == ["applied"] and out.is_file()
+
+
+@pytest.mark.parametrize("name, message", [("bad\x00name", "plain folder name"), ("x" * 300, "at most 100"),
+                                           (".hidden", "plain folder name"),
+                                           ("demo-wan2.1-t2v-1.3b", "already exists")])
+def test_merge_names_are_refused_before_any_work(demo_model, tmp_path, name, message):
+    from engine.facade import Engine, Settings
+    from engine.types import LoraEntry, Stack
+
+    model = demo_model("wan2.1-t2v-1.3b")
+    models = tmp_path / "models"
+    models.mkdir()
+    data = tmp_path / "data"
+    (data / "demo-models").mkdir(parents=True)
+    (data / "demo-models" / model.name).symlink_to(model)
+    engine = Engine(Settings(models_dir=models, loras_dir=tmp_path, data_dir=data))
+    with pytest.raises(RequestError, match=message):
+        engine.merge_stack(model.name, Stack((LoraEntry("x.safetensors"),)), name)
+    assert list(models.iterdir()) == []

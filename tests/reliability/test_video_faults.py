@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import fill, python
+from faultkit import fill, python
 from engine.fileio import clean_stale_temps, is_temp_name
 from engine.video import VideoWriteError, probe_video, read_metadata, write_mp4, write_sidecar
 

@@ -24,22 +24,12 @@ def test_share_rules():
 
 
 
-class NoModelsEngine:
-    """A facade with nothing detected yet (build_ui must still produce a page)."""
-
-    def __init__(self, root):
-        from engine.facade import Settings
-
-        self.settings = Settings(presets_dir=root / "presets", loras_dir=root / "loras")
-
-    def list_models(self):
-        return []
-
-
 def test_page_builds_without_models_and_exposes_only_named_endpoints(tmp_path):
     from ui import build_ui
 
-    demo = build_ui(NoModelsEngine(tmp_path))
+    from fake_engine import FakeEngine
+
+    demo = build_ui(FakeEngine(tmp_path, models=[]))
     assert demo.analytics_enabled is False
     public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert public == {"generate", "models", "loras", "presets"}

@@ -1,4 +1,4 @@
-"""Preset store edge cases: atomic concurrent saves, corrupt files moved aside, bad names, exports and .lset import."""
+"""Preset store edge cases: atomic concurrent saves, unreadable files listed untouched, bad names, exports and .lset import."""
 import json
 import multiprocessing
 import threading
@@ -59,17 +59,21 @@ def test_concurrent_saves_from_threads_and_processes_leave_one_valid_file(tmp_pa
     assert 1 <= len(preset.entries) <= 4
 
 
-def test_corrupt_file_is_moved_aside_not_deleted(tmp_path):
+def test_unreadable_files_are_listed_with_the_reason_and_never_changed(tmp_path):
     store = PresetStore(tmp_path)
     store.save(_preset("Good"))
-    (tmp_path / "broken.json").write_text('{"schema": 1, "name": "Broken", "entries": [')
-    (tmp_path / "wrongschema.json").write_text(json.dumps({"schema": 99, "name": "x", "model_type": T2V, "entries": []}))
-    assert [p.name for p in store.list()] == ["Good"]
-    aside = sorted(p.name for p in tmp_path.glob("*.corrupt-*"))
-    assert len(aside) == 2 and aside[0].startswith("broken.json.corrupt-")
-    assert (tmp_path / aside[0]).read_text().startswith('{"schema": 1, "name": "Broken"')
-    assert len(store.moved_aside) == 2 and "not valid JSON" in store.moved_aside[0]
-    with pytest.raises(PresetError, match="not found"):
+    broken = '{"schema": 1, "name": "Broken", "entries": ['
+    newer = json.dumps({"schema": 99, "name": "From the future", "model_type": T2V, "entries": []})
+    (tmp_path / "broken.json").write_text(broken)
+    (tmp_path / "wrongschema.json").write_text(newer)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    rows = {p.slug: p for p in store.list()}
+    assert rows["good"].problem == ""
+    assert "not valid JSON" in rows["broken"].problem
+    assert rows["wrongschema"].name == "From the future" and "newer WanStack" in rows["wrongschema"].problem
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before  # nothing renamed or rewritten
+    assert (tmp_path / "broken.json").read_text() == broken
+    with pytest.raises(PresetError, match="not valid JSON"):
         store.load("broken")
 
 
@@ -190,17 +194,18 @@ def test_shipped_presets_use_the_demo_loras_of_their_model(tmp_path):
 
     from engine.catalog import get_spec
     from engine.demo_loras import DEMO_LORAS
-    from ui import stack_logic
+    from engine.lora.planning import cap_problem
+    from engine.types import Stack
 
     shipped = Path(__file__).resolve().parents[2] / "presets"
     shutil.copytree(shipped, tmp_path / "presets")  # a broken file would be moved aside: not in the repo
     store = PresetStore(tmp_path / "presets")
     presets = [store.load(p.name) for p in store.list()]
-    assert len(presets) == len(list(shipped.glob("*.json"))) >= 2 and not store.moved_aside
+    assert len(presets) == len(list(shipped.glob("*.json"))) >= 2 and not any(p.problem for p in store.list())
     for preset in presets:
         spec = get_spec(preset.model_type)
         assert spec.demo
         for entry in preset.entries:
             arch = DEMO_LORAS[entry["file"]][0]
             assert preset.model_type == f"demo-{arch}", (preset.name, entry["file"])
-        assert stack_logic.over_cap(preset.entries, spec) is None
+        assert cap_problem(spec, Stack.from_list(preset.entries)) is None

@@ -2,11 +2,18 @@
 import pytest
 
 from engine.catalog import get_spec, with_lora_cap
+from engine.lora.planning import cap_problem
 from engine.types import RequestError
 from ui import stack_logic as sl
 
 A14B = with_lora_cap(get_spec("wan2.2-t2v-a14b"), {})  # cap 2 per expert
 SINGLE = get_spec("demo-wan2.1-t2v-1.3b")  # cap 3
+SPECS = {A14B.type: A14B, SINGLE.type: SINGLE}
+
+
+def cap(model_type, stack):
+    """The engine's one cap rule, as EnginePort.cap_problem gives it."""
+    return cap_problem(SPECS[model_type], stack)
 
 
 def rows(*specs):
@@ -22,20 +29,20 @@ def test_cap_text_counts_each_expert():
 
 
 def test_over_cap_message_names_expert_and_flag():
-    msg = sl.over_cap(rows(("a", "both"), ("b", "both"), ("c", "high_noise")), A14B)
+    msg = sl.over_cap(rows(("a", "both"), ("b", "both"), ("c", "high_noise")), A14B, cap)
     assert "high-noise expert" in msg and "--lora-cap wan2.2-t2v-a14b=3" in msg
-    assert sl.over_cap(rows(("a", "high_noise"), ("b", "high_noise"), ("c", "low_noise")), A14B) is None
+    assert sl.over_cap(rows(("a", "high_noise"), ("b", "high_noise"), ("c", "low_noise")), A14B, cap) is None
 
 
 def test_can_add_routes_to_free_expert_then_refuses():
     full_high = rows(("a", "high_noise"), ("b", "high_noise"))
-    assert sl.can_add(full_high, A14B, 6) is None
+    assert sl.can_add(full_high, A14B, 6, cap) is None
     assert sl.default_applies_to(full_high, A14B) == "low_noise"
     full = full_high + rows(("c", "low_noise"), ("d", "low_noise"))
-    assert "LoRA cap reached" in sl.can_add(full, A14B, 6)
+    assert "LoRA cap reached" in sl.can_add(full, A14B, 6, cap)
     three = rows(("a", "both"), ("b", "both"), ("c", "both"))
-    assert "--lora-cap demo-wan2.1-t2v-1.3b=4" in sl.can_add(three, SINGLE, 6)
-    assert "holds 2 rows" in sl.can_add(rows(("a", "both"), ("", "both")), SINGLE, 2)
+    assert "--lora-cap demo-wan2.1-t2v-1.3b=4" in sl.can_add(three, SINGLE, 6, cap)
+    assert "holds 2 rows" in sl.can_add(rows(("a", "both"), ("", "both")), SINGLE, 2, cap)
 
 
 def test_pair_partner_matches_case_and_prefers_file_name():
@@ -43,7 +50,7 @@ def test_pair_partner_matches_case_and_prefers_file_name():
              "x_low_noise.safetensors"]
     assert sl.pair_partner("speed/high/lightx2v_HIGH.safetensors", files) == "speed/high/lightx2v_LOW.safetensors"
     assert sl.pair_partner("x_high_noise.safetensors", files) == "x_low_noise.safetensors"
-    assert sl.pair_partner("x_low_noise.safetensors", files) is None
+    assert sl.pair_partner("x_low_noise.safetensors", files) == "x_high_noise.safetensors"  # both ways
     assert sl.pair_partner("lonely_high.safetensors", files) is None
 
 
@@ -60,20 +67,32 @@ def test_move_and_to_stack():
     assert sl.clamp_slider(7.5) == 2.0 and sl.clamp_slider(-3) == -2.0
 
 
-def test_gauge_formats_samples_snapshots_and_missing_gpu():
-    from ui.generate import format_gauge, sample_from_snapshot
+def test_gauge_formats_samples_and_missing_gpu():
+    from engine.port import MemoryView
+    from ui.run_view import gauge_html
 
     gib = 1 << 30
-    text = format_gauge({"vram_used_bytes": 3 * gib, "vram_total_bytes": 24 * gib, "ram_used_bytes": 5 * gib,
-                         "ram_total_bytes": 16 * gib, "peak_vram_bytes": 4 * gib, "peak_ram_bytes": 2 * gib}, final=True)
+    text = gauge_html(MemoryView(3 * gib, 24 * gib, 5 * gib, 16 * gib, 4 * gib, 2 * gib), final=True)
     assert "after the run" in text and "3.00 / 24.0 GiB (peak 4.00)" in text and "(app peak 2.00)" in text
-    snap = {"available": False, "reason": "no NVIDIA driver", "gpus": [], "ram_total_bytes": 16 * gib,
-            "ram_available_bytes": 12 * gib}
-    text = format_gauge(sample_from_snapshot(snap))
+    text = gauge_html(MemoryView(ram_used_bytes=4 * gib, ram_total_bytes=16 * gib, reason="no NVIDIA driver"))
     assert "VRAM: not available" in text and "no NVIDIA driver" in text and "4.00 / 16.0 GiB" in text
-    gpu = {"available": True, "gpus": [{"used_bytes": gib, "total_bytes": 8 * gib}], "ram_total_bytes": None,
-           "ram_available_bytes": None}
-    assert "1.00 / 8.0 GiB" in format_gauge(sample_from_snapshot(gpu))
+    assert "1.00 / 8.0 GiB" in gauge_html(MemoryView(vram_used_bytes=gib, vram_total_bytes=8 * gib))
+
+
+def test_stack_report_is_split_per_expert():
+    from engine.port import StackReport
+    from ui.run_view import report_markdown
+
+    rows = [{"file": "speed_high.safetensors", "status": "applied", "weights": {"high_noise": 1.0, "low_noise": 0.0},
+             "coverage_by_expert": {"high_noise": {"applied": 40, "total": 40}}},
+            {"file": "style.safetensors", "status": "applied", "weights": {"high_noise": 0.5, "low_noise": 0.8},
+             "coverage_by_expert": {"high_noise": {"applied": 30, "total": 40}, "low_noise": {"applied": 30, "total": 40}}},
+            {"file": "off.safetensors", "status": "disabled"}]
+    text = report_markdown(StackReport.from_rows(rows, ("high_noise", "low_noise")))
+    high, low = text.split("**Low-noise expert:**")
+    assert "**High-noise expert:** 2 LoRAs" in high and "speed_high.safetensors` × 1 · 40/40 keys applied" in high
+    assert " 1 LoRA\n" in low and "style.safetensors` × 0.8 · 30/40 keys applied" in low
+    assert "speed_high" not in low and "`off.safetensors` disabled" in low
 
 
 def test_count_text_takes_counts_or_key_lists():

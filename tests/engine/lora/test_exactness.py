@@ -41,7 +41,7 @@ def test_stack_then_other_then_none_restores_w0_bit_for_bit(three_loras):
     mgr.apply(experts, get_spec(T2V), Stack())
     assert _state_equal(model, w0)
     mgr.apply(experts, get_spec(T2V), S(("a.safetensors", 1.0)))
-    mgr.remove(experts)
+    mgr.restore()
     assert _state_equal(model, w0)
 
 
@@ -72,7 +72,7 @@ def test_one_slider_change_remerges_only_that_loras_layers_and_never_rereads(thr
     mgr = LoraManager(three_loras)
     experts = {"single": model}
     mgr.apply(experts, get_spec(T2V), S(("a.safetensors", 1.0), ("c.safetensors", 1.0)))
-    import engine.lora.manager as manager_mod
+    import engine.lora.library as manager_mod
 
     def no_read(*a, **k):
         raise AssertionError("a cached LoRA file was read again")
@@ -171,7 +171,7 @@ def test_cap_is_counted_per_expert(three_loras):
     mgr = LoraManager(three_loras)
     spec = get_spec(A14B)  # demo cap 3
     four = Stack(tuple(LoraEntry(f"{n}.safetensors", 1.0, "high_noise") for n in "abca"))
-    with pytest.raises(LoraCapExceeded, match=r"high_noise expert of demo-wan2.2-t2v-a14b.*cap .* is 3"):
+    with pytest.raises(LoraCapExceeded, match=r"demo-wan2.2-t2v-a14b takes at most 3 enabled LoRAs on the high-noise expert"):
         mgr.check(spec, four)
     split = Stack(tuple(LoraEntry(f"{n}.safetensors", 1.0, a) for n, a in
                         zip("abca", ("high_noise", "high_noise", "low_noise", "low_noise"))))
@@ -207,7 +207,7 @@ def test_lightx2v_and_lowrank_on_the_same_weight(tmp_path):
     want = expected(w0, [(lowrank, 0.5, 1.0)], [(diffs, 1.0)])
     for name, value in want.items():
         assert torch.allclose(model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
-    mgr.remove({"single": model})
+    mgr.restore()
     assert _state_equal(model, w0)
 
 
@@ -239,7 +239,7 @@ def test_group_offloading_hooks_on_cpu(three_loras):
             want = ref(x, t, text, return_dict=False)[0]
         assert torch.equal(out, want), kind
         assert _state_equal(model, snapshot(ref))
-        mgr.remove({"single": model})
+        mgr.restore()
         with torch.no_grad():
             model(x, t, text, return_dict=False)
         assert _state_equal(model, w0), kind
@@ -261,7 +261,7 @@ def test_group_offloading_with_cuda_streams(three_loras):
     args = (torch.randn(1, 16, 1, 4, 4, device="cuda"), torch.tensor([500], device="cuda"), torch.randn(1, 8, 32, device="cuda"))
     with torch.no_grad():
         assert torch.equal(model(*args, return_dict=False)[0], ref(*args, return_dict=False)[0])
-    mgr.remove({"single": model})
+    mgr.restore()
     with torch.no_grad():
         model(*args, return_dict=False)
     assert all(torch.equal(v.cpu(), w0[k]) for k, v in model.state_dict().items())
@@ -273,7 +273,7 @@ def test_parsed_cache_keeps_the_applied_stack_within_its_budget(three_loras, mon
     stack = S(("a.safetensors", 1.0), ("b.safetensors", 1.0))
     mgr.apply({"single": model}, get_spec(T2V), stack)
     mgr.load(three_loras / "c.safetensors")  # an inspection of another file must not evict the stack
-    import engine.lora.manager as manager_mod
+    import engine.lora.library as manager_mod
 
     monkeypatch.setattr(manager_mod, "read_lora_file", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
     mgr.apply({"single": model}, get_spec(T2V), S(("a.safetensors", 0.5), ("b.safetensors", 1.0)))

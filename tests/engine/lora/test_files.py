@@ -116,6 +116,6 @@ def test_w0_is_reread_from_the_models_own_safetensors(tmp_path):
     fresh_low = WanTransformer3DModel.from_pretrained(root, subfolder="transformer_2")
     LoraManager(loras).apply({"high_noise": fresh, "low_noise": fresh_low}, spec, Stack((LoraEntry("x.safetensors", -0.3),)))
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in high.state_dict().items())
-    mgr.remove(experts)
+    mgr.restore()
     assert all(torch.equal(v, h0[k]) for k, v in high.state_dict().items())
     assert all(torch.equal(v, l0[k]) for k, v in low.state_dict().items())

@@ -45,7 +45,7 @@ def test_lowrank_family_full_coverage_and_formula(tmp_path, arch, family):
         assert torch.allclose(got[name], value, rtol=1e-5, atol=1e-6), name
     untouched = set(w0) - set(want)
     assert all(torch.equal(got[n], w0[n]) for n in untouched)
-    mgr.remove({"single": model})
+    mgr.restore()
     assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
 
 
@@ -62,7 +62,7 @@ def test_lightx2v_diffs_cover_every_parameter(tmp_path, arch):
     got = model.state_dict()
     for name, value in want.items():
         assert torch.allclose(got[name], value, rtol=1e-6, atol=1e-7), name
-    mgr.remove({"single": model})
+    mgr.restore()
     assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
 
 

@@ -27,7 +27,7 @@ def test_weight_zero_equals_no_stack_and_a_lora_changes_the_output(demo_model, t
     def run(stack: Stack):
         req = GenerationRequest(model=model.name, prompt="a lighthouse", steps=2, seed=5, frames=5,
                                 width=64, height=64, stack=stack)
-        return engine.generate(req, lambda kind, payload: None)
+        return engine.generate(req, lambda event: None)
 
     plain = _frames(run(Stack()))
     zero = run(Stack((LoraEntry("strong.safetensors", weight=0.0),)))

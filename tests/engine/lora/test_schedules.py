@@ -164,7 +164,7 @@ def test_pipeline_run_with_a_schedule_equals_a_per_step_remerge_loop(demo_model,
                     generator=torch.Generator().manual_seed(3), output_type="latent",
                     callback_on_step_end=cb).frames
 
-    mgr = gen.loras
+    mgr = gen.library
     rows = mgr.apply(experts, spec, Stack((entry,)), steps=steps, high_steps=high_steps)
     assert rows[0]["mode"] == "runtime"
     scheduled = run(lambda i: mgr.set_step(i, steps) if i < steps else None)

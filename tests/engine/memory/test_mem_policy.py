@@ -147,7 +147,7 @@ def test_plan_cli_done_when(capsys):
 
 def test_plan_cli_bad_input_is_one_line(capsys):
     code, _, err = run_cli(capsys, "plan", "--model-type", "wan2.2-ti2v-5b", "--height", "100", "--free-vram", "24GiB")
-    assert code == 2 and err.strip() == "error: --height 100 must be a positive multiple of 32 for wan2.2-ti2v-5b"
+    assert code == 2 and err.strip() == "error: --height 100 must be a multiple of 32 for wan2.2-ti2v-5b (try 96)"
     code, _, err = run_cli(capsys, "plan", "--model-type", "wan2.1-t2v-1.3b", "--free-vram", "lots")
     assert code == 2 and "--free-vram 'lots' is not a size" in err
     code, out, _ = run_cli(capsys, "plan", "--model-type", "wan2.1-t2v-1.3b", "--free-vram", "24GiB")

@@ -118,39 +118,3 @@ def test_demo_pipeline_recovers_from_an_oom_in_the_transformer_forward():
     assert modes == ["group", "sequential"]
     assert retries == ["retried with sequential offload after out-of-memory"]
     assert torch.equal(video, expected)  # a finished video, the same as without offload
-
-
-@pytest.mark.slow
-def test_governed_run_reports_plan_memory_and_retry_events():
-    from engine.demo import build_demo_pipeline
-    from engine.memory import governed_run
-
-    pipe = build_demo_pipeline("wan2.1-t2v-1.3b", seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    failures = {"left": 1}
-
-    def fail_once(module, args):
-        if failures["left"]:
-            failures["left"] -= 1
-            raise oom()
-
-    handle = pipe.transformer.register_forward_pre_hook(fail_once)
-    events = []
-
-    def run():
-        return pipe("a cat", height=32, width=32, num_frames=5, num_inference_steps=2,
-                    generator=torch.Generator().manual_seed(0), output_type="pt", max_sequence_length=16).frames
-
-    try:
-        video, finished, watch = governed_run(pipe, OffloadPlan(mode="none"), CPU, run,
-                                              on_event=lambda kind, payload: events.append((kind, payload)),
-                                              interval_s=0.05)
-    finally:
-        handle.remove()
-        undo_plan(pipe)
-    kinds = [k for k, _ in events]
-    assert video.shape[1] == 5 and finished.mode.value == "model" and finished.vae_tiling
-    assert ("retry", "retried with model offload after out-of-memory") in events
-    assert kinds.count("plan") == 2 and kinds.index("retry") < len(kinds) - 1
-    assert "memory" in kinds and watch.peak_ram_bytes > 0
-    assert all(set(p) >= {"ram_used_bytes", "peak_ram_bytes"} for k, p in events if k == "memory")

@@ -22,7 +22,7 @@ def _latents(engine, info):
 
     from engine.generate import Generator
 
-    gen = Generator(engine.settings, engine.loras)
+    gen = Generator(engine.settings, engine.library)
     pipe = gen.load(info, engine.spec(info.type))
     out = pipe(prompt="a fox in the snow", height=64, width=64, num_frames=9, num_inference_steps=3,
                guidance_scale=4.0, guidance_scale_2=3.0, generator=torch.Generator("cpu").manual_seed(3),
@@ -48,7 +48,7 @@ def engine_and_models(comfy_tree, demo_model, tmp_path_factory):
         shutil.rmtree(bf16 / comp)
         t.save_pretrained(bf16 / comp, max_shard_size="64KB")
     engine = Engine(Settings(models_dir=models, comfyui_dir=comfy_tree, allow_lora_paths_outside=True))
-    return engine, {m.id: m for m in engine.list_models()}
+    return engine, {m.id: m for m in engine.model_infos()}
 
 
 @pytest.mark.parametrize("folder, single", [("demo-fp32", "wan2.2_t2v_14B_fp32"), ("demo-bf16", "wan2.2_t2v_14B_bf16")])
@@ -145,13 +145,13 @@ def test_wan21_i2v_from_single_files_with_clip_vision_equals_the_folder(demo_mod
     models.mkdir()
     (models / "demo").symlink_to(demo)
     engine = Engine(Settings(models_dir=models, comfyui_dir=tree))
-    infos = {m.id: m for m in engine.list_models()}
+    infos = {m.id: m for m in engine.model_infos()}
     single = infos["wan2.1_i2v_480p_14B_fp32"]
     assert single.ok and single.files["image_encoder"].endswith("clip_vision/clip_vision_h.safetensors")
     image = Image.new("RGB", (64, 64), (200, 40, 40))
 
     def latents(info):
-        pipe = Generator(engine.settings, engine.loras).load(info, engine.spec(info.type))
+        pipe = Generator(engine.settings, engine.library).load(info, engine.spec(info.type))
         return pipe(image=image, prompt="a cat", height=64, width=64, num_frames=9, num_inference_steps=2,
                     guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(1), output_type="latent").frames
 

@@ -16,15 +16,17 @@ def env(comfy_tree, demo_model, tmp_path_factory):
     models = tmp_path_factory.mktemp("models-lora")
     (models / "demo").symlink_to(demo_model("wan2.2-t2v-a14b"))
     engine = Engine(Settings(models_dir=models, comfyui_dir=comfy_tree, allow_lora_paths_outside=True))
-    return engine, {m.id: m for m in engine.list_models()}, comfy_tree / "loras" / "demo"
+    return engine, {m.id: m for m in engine.model_infos()}, comfy_tree / "loras" / "demo"
 
 
 def _experts(engine, info):
+    """The experts of a loaded pipeline and the generator's merge session on them (the path generate takes)."""
     from engine.generate import Generator
 
-    gen = Generator(engine.settings, engine.loras)
+    gen = Generator(engine.settings, engine.library)
     spec = engine.spec(info.type)
-    return gen.experts(gen.load(info, spec), spec), spec
+    pipe = gen.load(info, spec)
+    return gen.experts(pipe, spec), spec, gen.merge_session(pipe, spec)
 
 
 def _bytes(t):
@@ -44,18 +46,18 @@ def test_single_file_merge_equals_the_folder_and_rereads_w0_from_the_file(env):
 
     engine, models, loras = env
     stack = _stack((loras / "anime-a14b-peft.safetensors", 0.8, "both"), (loras / "speed_high_noise.safetensors", 1.0, "high_noise"))
-    folder, spec = _experts(engine, models["demo"])
-    single, _ = _experts(engine, models["wan2.2_t2v_14B_fp32"])
+    folder, spec, folder_session = _experts(engine, models["demo"])
+    single, _, session = _experts(engine, models["wan2.2_t2v_14B_fp32"])
     before = {e: {n: p.detach().clone() for n, p in m.named_parameters()} for e, m in single.items()}
-    engine.loras.apply(folder, spec, stack, resolve=Path)
-    engine.loras.apply(single, spec, stack, resolve=Path)
-    stats = engine.loras.last_stats["experts"]
+    folder_session.apply(spec, stack, resolve=Path)
+    session.apply(spec, stack, resolve=Path)
+    stats = session.last_stats["experts"]
     assert all(s["file_backed"] == s["written"] > 0 and s["copied_bytes"] == 0 for s in stats.values()), stats
     for e in single:
         fp = dict(folder[e].named_parameters())
         for n, p in single[e].named_parameters():
             assert torch.equal(p, fp[n]), n
-    engine.loras.apply(single, spec, _stack(), resolve=Path)
+    session.apply(spec, _stack(), resolve=Path)
     for e, m in single.items():
         for n, p in m.named_parameters():
             assert torch.equal(_bytes(p), _bytes(before[e][n])), n
@@ -69,16 +71,18 @@ def test_fp8_merge_is_within_the_rounding_bound_and_removal_restores_the_bytes(e
 
     engine, models, loras = env
     info = models["wan2.2_t2v_14B_fp8_scaled"]
-    experts, spec = _experts(engine, info)
+    experts, spec, session = _experts(engine, info)
     s1 = _stack((loras / "anime-a14b-peft.safetensors", 0.8, "both"))
     s2 = _stack((loras / "anime-a14b-peft.safetensors", -1.5, "both"), (loras / "speed_low_noise.safetensors", 1.0, "low_noise"))
     original = {e: {n: _bytes(p) for n, p in m.named_parameters()} for e, m in experts.items()}
     scale0 = {e: {n: float(getattr(mod, "weight_scale", 1.0)) for n, mod in m.named_modules()} for e, m in experts.items()}
     shapes = {e: {n: tuple(p.shape) for n, p in m.named_parameters()} for e, m in experts.items()}
-    desired, _ = engine.loras.plan(spec, s2, shapes, resolve=Path)
+    from engine.lora.planning import plan_stack
 
-    engine.loras.apply(experts, spec, s1, resolve=Path)
-    engine.loras.apply(experts, spec, s2, resolve=Path)  # history: s1 then s2
+    desired = plan_stack(engine.library, spec, s2, shapes, resolve=Path).desired
+
+    session.apply(spec, s1, resolve=Path)
+    session.apply(spec, s2, resolve=Path)  # history: s1 then s2
     after_history = {e: {n: _bytes(p) for n, p in m.named_parameters()} for e, m in experts.items()}
     worst = 0.0
     for e, m in experts.items():
@@ -100,14 +104,14 @@ def test_fp8_merge_is_within_the_rounding_bound_and_removal_restores_the_bytes(e
             else:
                 assert torch.allclose(got, ref, atol=1e-6), n
     assert 0 < worst <= 1.0
-    engine.loras.apply(experts, spec, _stack(), resolve=Path)
+    session.apply(spec, _stack(), resolve=Path)
     for e, m in experts.items():  # scales back to the file's
         assert all(float(getattr(mod, "weight_scale", 1.0)) == scale0[e][n] for n, mod in m.named_modules())
     for e, m in experts.items():
         for n, p in m.named_parameters():
             assert torch.equal(_bytes(p), original[e][n]), n
-    engine.loras.apply(experts, spec, s2, resolve=Path)  # s2 fresh == s2 after s1: depends only on W0 and the stack
+    session.apply(spec, s2, resolve=Path)  # s2 fresh == s2 after s1: depends only on W0 and the stack
     for e, m in experts.items():
         for n, p in m.named_parameters():
             assert torch.equal(_bytes(p), after_history[e][n]), n
-    engine.loras.apply(experts, spec, _stack(), resolve=Path)
+    session.apply(spec, _stack(), resolve=Path)

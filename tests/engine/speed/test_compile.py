@@ -31,7 +31,7 @@ def _engine(model, loras, tmp_path, compile_mode: str) -> Engine:
 def _run(engine, model, stack, offload="none"):
     req = GenerationRequest(model=model.name, prompt="a lighthouse", steps=2, seed=5, frames=5, width=64, height=64,
                             stack=stack, offload=offload)
-    return engine.generate(req, lambda kind, payload: None)
+    return engine.generate(req, lambda event: None)
 
 
 @pytest.mark.slow
