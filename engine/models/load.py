@@ -37,7 +37,6 @@ class Loaded:
 
 def build_pipeline(info, dtype) -> Loaded:
     """The pipeline of a recipe / ComfyUI ModelInfo, on the CPU, transformers and text encoder in `dtype`."""
-    import torch
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
     spec = CATALOG[info.type]
@@ -67,7 +66,6 @@ def build_pipeline(info, dtype) -> Loaded:
     for module in (parts["transformer"], parts["transformer_2"], parts["text_encoder"], parts["vae"]):
         if module is not None:
             own_aligned(module)
-    del torch
     return out
 
 
@@ -118,7 +116,6 @@ def load_transformer(path: str, spec: ModelSpec, dtype):
 
         return module.eval(), None, _folder_storage(p)
     from engine.models.headers import read_header
-    from engine.models.identify import storage_of
 
     header = read_header(p)
     if header.format == "gguf":

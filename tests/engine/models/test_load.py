@@ -6,7 +6,6 @@ their latents stay within a stated tolerance of the folder's (max abs difference
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
