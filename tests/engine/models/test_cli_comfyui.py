@@ -40,3 +40,19 @@ def test_generate_names_the_unusable_model(comfy_tree, tmp_path):
     res = _run("generate", "--comfyui", str(comfy_tree), "--models-dir", str(tmp_path), "--model", "nope",
                "--prompt", "a cat", "--out", str(tmp_path / "x.mp4"), cwd=tmp_path)
     assert res.returncode == 2 and "no such folder, recipe or model id" in res.stderr and "wan2.2_t2v_14B_fp32" in res.stderr
+
+
+def test_generate_from_a_recipe_file(comfy_tree, tmp_path):
+    dm = comfy_tree / "diffusion_models"
+    recipe = tmp_path / "recipes" / "fp8.json"
+    recipe.parent.mkdir()
+    recipe.write_text(json.dumps({
+        "schema": 1, "transformer": str(dm / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"),
+        "transformer_2": str(dm / "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
+        "text_encoder": str(comfy_tree / "text_encoders" / "umt5_xxl_fp32.safetensors"),
+        "vae": str(comfy_tree / "vae" / "wan_2.1_vae.safetensors")}))
+    out = tmp_path / "r.mp4"
+    res = _run("generate", "--model", str(recipe), "--prompt", "a cat", "--steps", "2", "--out", str(out), "--json",
+               cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["frames"] == 9 and out.stat().st_size > 0
