@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ignore-memory-plan", action="store_true",
                    help="run requests the memory plan says cannot fit (by default they are refused with the reason)")
     p.add_argument("--no-demo", action="store_true", help="do not build the demo model when no real model is found")
+    from engine.cli.core import add_speed_arguments
+
+    add_speed_arguments(p)  # --attention, --compile / --no-compile: defaults for every run from the page
     return p.parse_args(argv)
 
 
@@ -108,7 +111,7 @@ def build(args: argparse.Namespace):
         except WanStackError as e:
             raise SystemExit(f"error: {e}") from None
     engine = Engine(Settings(offload=args.offload, lora_caps=caps, ignore_memory_plan=args.ignore_memory_plan,
-                             comfyui_dir=comfyui, **dirs))
+                             comfyui_dir=comfyui, attention=args.attention, compile=args.compile, **dirs))
     if not args.no_demo and not any(m.ok and not m.demo for m in engine.model_infos()):
         log.info("no real model in %s: using the demo model (random weights)", dirs["models_dir"])
         engine.ensure_demo_model()
