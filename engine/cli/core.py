@@ -159,7 +159,8 @@ def cmd_generate(args):
         from engine.models.comfyui import lora_dir
 
         loras_dir = lora_dir(args.comfyui) or loras_dir
-    engine = Engine(Settings(models_dir=Path(args.models_dir) if info.source != "diffusers" else Path(info.path).parent,
+    # the engine lists the model again: a folder or recipe from its own folder, a --comfyui model from the tree
+    engine = Engine(Settings(models_dir=Path(args.models_dir) if info.source == "comfyui" else Path(info.path).parent,
                              loras_dir=loras_dir, outputs_dir=Path(args.out).parent, offload=args.offload,
                              allow_lora_paths_outside=True, comfyui_dir=Path(args.comfyui) if args.comfyui else None))
     req = GenerationRequest(
