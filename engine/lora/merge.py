@@ -246,6 +246,7 @@ class ModuleMerger:
         self.current: dict[str, tuple] = {}
         self.originals: dict[str, Any] = {}  # name -> CPU copy of W0 (when no source file has it)
         self.file_backed: dict[str, WeightSource] = {}
+        self.fp8_scale0: dict[str, float] = {}  # name -> the fp8 weight's own scale, restored with W0
         self._scratch: Scratch | None = None
 
     @property
@@ -253,7 +254,12 @@ class ModuleMerger:
         return self._module()
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self.params.items()}
+        # GGUF parameters hold bytes; their `quant_shape` is the weight's logical shape
+        return {n: tuple(getattr(p, "quant_shape", None) or p.shape) for n, p in self.params.items()}
+
+    def mergeable(self, name: str) -> bool:
+        """False for weights stored quantized in blocks (GGUF): LoRAs act on them at runtime instead."""
+        return getattr(self.params.get(name), "quant_type", None) is None
 
     def originals_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.originals.values())
@@ -355,6 +361,10 @@ class ModuleMerger:
                 w0 = self._w0(name, param, rows if data.ndim >= 2 else None)
                 flat[rows].copy_(w0.reshape(-1, flat.shape[1]))
             self.file_backed.pop(name)
+        if name in self.fp8_scale0:
+            from engine.models.fp8 import set_scale
+
+            set_scale(self._owner(name), self.fp8_scale0.pop(name))
         del self.current[name]
 
     # -- the merge itself ------------------------------------------------------------------------
@@ -363,19 +373,30 @@ class ModuleMerger:
         data = param.data
         w0_rows = None if w0_is_live else (lambda rows: self._w0(name, param, rows if data.ndim >= 2 else None))
         if _is_fp8(data.dtype):
-            # fp8 weights (engine/models/fp8.py): stored = W / scale, so the merge adds delta / scale in fp32 to
-            # the stored values and rounds once back to fp8 (clamped to its finite range), deterministically.
-            from engine.models.fp8 import FP8_MAX
-
-            return write_merged(data, contribs, w0_rows, name=name, scratch=self._scratch,
-                                delta_scale=1.0 / self._fp8_scale(name), clamp=FP8_MAX)
+            return self._write_fp8(name, param, contribs, w0_rows)
         return write_merged(data, contribs, w0_rows, name=name, scratch=self._scratch)
 
-    def _fp8_scale(self, name: str) -> float:
+    def _write_fp8(self, name: str, param, contribs: list[Contribution], w0_rows) -> int:
+        """fp8 weights (engine/models/fp8.py store W / scale): the merge is computed in fp32 from the stored W0
+        and its scale, then rounded once back to fp8. The scale stays the file's unless the merged weights
+        outgrow fp8's range under it; then it becomes max|W| / 448. Both depend only on W0 and the stack."""
+        from engine.models.fp8 import FP8_MAX, set_scale
+
+        owner = self._owner(name)
+        s0 = self.fp8_scale0.setdefault(name, float(getattr(owner, "weight_scale", 1.0)))
+        peak: list[float] = []
+        flops = write_merged(param.data, contribs, w0_rows, name=name, scratch=self._scratch, w0_scale=s0,
+                             measure=peak)
+        s_new = s0 if peak[0] <= FP8_MAX * s0 else peak[0] / FP8_MAX
+        flops += write_merged(param.data, contribs, w0_rows, name=name, scratch=self._scratch, w0_scale=s0 / s_new,
+                              delta_scale=1.0 / s_new, clamp=FP8_MAX)
+        set_scale(owner, s_new)
+        return flops
+
+    def _owner(self, name: str):
         module = self.module
-        owner = module.get_submodule(name.rpartition(".")[0]) if module is not None and "." in name else module
-        scale = getattr(owner, "weight_scale", None)
-        return float(scale) if scale is not None else 1.0
+        return module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+
 
 
 def merged_tensor(w0, contribs: list[Contribution]):
@@ -393,12 +414,16 @@ def _is_fp8(dtype) -> bool:
 
 
 def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str = "",
-                 scratch: Scratch | None = None, delta_scale: float = 1.0, clamp: float | None = None) -> int:
+                 scratch: Scratch | None = None, w0_scale: float = 1.0, delta_scale: float = 1.0,
+                 clamp: float | None = None, measure: list | None = None) -> int:
     """Write `W0 + sum_i w_i * scale_i * (B_i @ A_i) (+ w_i * diff_i)` into `data`, fp32 accumulation in row chunks.
 
     All ranks go into one GEMM per row chunk ([rows, sum r] @ [sum r, in]), so there is one rounding
     per element for the price of one call. `w0_rows(rows)` returns W0's rows when `data` no longer
     holds W0; None means `data` still holds it. Returns the GEMM flops.
+
+    For stored-scaled weights (fp8) the sum is `w0_scale * W0 + delta_scale * delta`, clamped to `clamp`;
+    with `measure` (a list) nothing is written and max |sum| is appended instead.
     """
     import torch
 
@@ -426,18 +451,26 @@ def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str 
             down[off:off + r].copy_(p.down.reshape(r, in_dim))
             off += r
     step = _chunk_rows(in_dim) if data.ndim >= 2 else out_dim
+    peak = 0.0
     for r0 in range(0, out_dim, step):
         rows = slice(r0, min(r0 + step, out_dim))
         n = rows.stop - rows.start
         acc = scratch.get("acc", n * in_dim, torch.float32, device).view(n, in_dim)
         acc.copy_(flat[rows] if w0_rows is None else w0_rows(rows).reshape(n, in_dim))
+        if w0_scale != 1.0:
+            acc.mul_(w0_scale)
         if up is not None:
             acc.addmm_(up[rows], down)
         for w, d in diffs:
             acc.add_(d[rows].to(device=device, dtype=torch.float32), alpha=w * delta_scale)
+        if measure is not None:
+            peak = max(peak, float(acc.abs().max())) if acc.numel() else peak
+            continue
         if clamp is not None:
             acc.clamp_(-clamp, clamp)
         flat[rows].copy_(acc)
+    if measure is not None:
+        measure.append(peak)
     return 2 * out_dim * in_dim * total_rank
 
 

@@ -137,9 +137,9 @@ def test_special_files_are_never_read(folder, tmp_path):
 
 def test_listing_bounds_what_it_hashes(folder, monkeypatch):
     root, _ = folder
-    import engine.lora.manager as manager_mod
+    import engine.lora.library as library_mod
 
-    monkeypatch.setattr(manager_mod, "LIST_HASH_MAX_BYTES", 64)
+    monkeypatch.setattr(library_mod, "LIST_HASH_MAX_BYTES", 64)
     rows = _listing_in_time(LoraManager(root))
     assert rows["good.safetensors"]["ok"] and rows["good.safetensors"]["sha256"] is None  # listed, not hashed
 
@@ -151,21 +151,23 @@ def test_ui_lock_is_not_held_while_listing_reads_files(folder):
     root, _ = folder
     gate = threading.Event()
 
-    class SlowEngine:
-        settings = type("S", (), {"presets_dir": root.parent / "presets", "loras_dir": root})()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ui"))
+    from engine.port import LoraView
+    from fake_engine import FakeEngine
 
-        def list_loras(self, model_type):
+    class SlowEngine(FakeEngine):
+        def loras(self, model_type, refresh=False):
             if model_type == "slow":
                 gate.wait(10)
-            return [{"file": "good.safetensors", "compatible": True}]
+            return [LoraView("good.safetensors")]
 
-    ctx = UIContext(SlowEngine())
+    ctx = UIContext(SlowEngine(root.parent))
     ctx.loras("fast")
     t = threading.Thread(target=ctx.loras, args=("slow",), daemon=True)
     t.start()
     time.sleep(0.2)
     t0 = time.perf_counter()
-    assert ctx.loras("fast")[0]["file"] == "good.safetensors"
+    assert ctx.loras("fast")[0].file == "good.safetensors"
     assert time.perf_counter() - t0 < 1.0
     gate.set()
     t.join(10)

@@ -10,7 +10,9 @@ import torch
 
 from engine.facade import Engine, Settings
 from engine.lora.errors import LoraFormatError
+from engine.port import Memory, Retry, Step
 from engine.types import GenerationCancelled, GenerationRequest, LoraEntry, RequestError, Stack
+from engine.port import Memory, Retry, Step
 
 pytestmark = pytest.mark.slow
 ARCH = "wan2.1-t2v-1.3b"
@@ -42,11 +44,11 @@ def test_out_of_memory_at_step_k_is_retried_with_heavier_offload(demo_model, tmp
     transformer.forward = forward
     steps, retries = [], []
 
-    def on_event(kind, payload):
-        if kind == "step":
-            steps.append(payload.step)
-        elif kind == "retry":
-            retries.append(payload)
+    def on_event(event):
+        if isinstance(event, Step):
+            steps.append(event.step)
+        elif isinstance(event, Retry):
+            retries.append(event.message)
 
     result = engine.generate(req, on_event)
     assert calls["n"] > fail_at and steps[:1] == [1] and retries == ["retried with model offload after out-of-memory"]
@@ -96,10 +98,10 @@ def test_nvml_failing_mid_run_does_not_stop_the_run(demo_model, tmp_path, monkey
     samples = []
     result = engine_for(model, tmp_path).generate(
         GenerationRequest(model=model.name, prompt="a cat", steps=3, seed=2),
-        lambda kind, payload: samples.append(payload) if kind == "memory" else None)
+        lambda event: samples.append(event.sample) if isinstance(event, Memory) else None)
     assert fake.reads > 2  # the GPU was lost during the run
-    assert samples[0]["vram_used_bytes"] is not None and samples[-1]["vram_used_bytes"] is None
-    assert samples[-1]["ram_used_bytes"] and result.peak_vram_bytes == (1 << 30) + 2
+    assert samples[0].vram_used_bytes is not None and samples[-1].vram_used_bytes is None
+    assert samples[-1].ram_used_bytes and result.peak_vram_bytes == (1 << 30) + 2
     assert frames(result.path).shape[0] == result.frames
 
 
@@ -110,13 +112,13 @@ def test_a_lora_deleted_between_listing_and_use(demo_model, demo_loras_dir, tmp_
     loras = tmp_path / "loras"
     shutil.copytree(demo_loras_dir, loras)
     engine = engine_for(model, tmp_path, loras)
-    listed = {r["file"] for r in engine.list_loras("demo-wan2.1-t2v-1.3b") if r["compatible"]}
+    listed = {v.file for v in engine.loras("demo-wan2.1-t2v-1.3b") if v.compatible}
     victim = next(f for f in sorted(listed) if "style" in f)
     (loras / victim).unlink()
     with pytest.raises((LoraFormatError, RequestError), match=victim.split("/")[-1]):
         engine.generate(GenerationRequest(model=model.name, prompt="x", steps=1, seed=1,
                                           stack=Stack((LoraEntry(victim, 0.8),))))
-    assert victim not in {r["file"] for r in engine.list_loras("demo-wan2.1-t2v-1.3b")}
+    assert victim not in {v.file for v in engine.loras("demo-wan2.1-t2v-1.3b")}
     result = engine.generate(GenerationRequest(model=model.name, prompt="x", steps=1, seed=1))  # others unaffected
     assert result.loras == []
 
@@ -130,8 +132,8 @@ def test_cancelled_run_then_a_run_equal_to_a_fresh_one(demo_model, demo_loras_di
 
     engine = engine_for(model, tmp_path / "b", demo_loras_dir)
 
-    def cancel_at_2(kind, payload):
-        if kind == "step" and payload.step == 2:
+    def cancel_at_2(event):
+        if isinstance(event, Step) and event.step == 2:
             engine.cancel()
 
     with pytest.raises(GenerationCancelled, match="after step 2"):

@@ -50,3 +50,17 @@ def test_stack_from_text_takes_json_or_a_known_preset_name(ctx, tmp_path):
     ctx.engine.store.save(Preset("Broken", T2V, [{"file": "demo/gone.safetensors", "weight": 1.0}]))
     with pytest.raises(RequestError, match="not in the folder"):
         ctx.stack_from_text("Broken", spec)
+
+
+def test_door_methods_match_the_protocol_in_the_facade_and_the_fake():
+    import inspect
+
+    from engine.facade import Engine
+
+    members = [n for n, v in vars(EnginePort).items() if callable(v) and not n.startswith("_")]
+    assert {"validate", "generate", "models", "loras", "load_preset", "outputs", "cap_problem"} <= set(members)
+    for name in members:
+        want = list(inspect.signature(getattr(EnginePort, name)).parameters)
+        for impl in (Engine, FakeEngine):
+            got = list(inspect.signature(getattr(impl, name)).parameters)
+            assert got == want, (impl.__name__, name, got, want)
