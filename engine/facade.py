@@ -184,6 +184,8 @@ class Engine:
             if view is None:
                 raise RequestError(f"unknown LoRA {entry.file!r} (row {i + 1}): not in the LoRA folder "
                                    f"{self.settings.loras_dir}; copy it back, pick another file or remove the row")
+            if not view.ok:
+                raise RequestError(f"LoRA {entry.file} (row {i + 1}) cannot be read: {view.reason}")
             if not view.compatible:
                 raise RequestError(f"LoRA {entry.file} does not fit {spec.type}: {view.reason}")
         return check_stack(spec, stack)

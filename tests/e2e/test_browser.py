@@ -147,7 +147,9 @@ def test_stack_preset_generate_stop(page, app_server):
     shot(page, "3-generated")
     before_video = [p for p in seen["previews"] if seen["video_at"] is None or p["t"] <= seen["video_at"]]
     assert len(before_video) >= 2, seen
-    assert "keys applied" in page.inner_text("#stack-report")
+    page.get_by_role("tab", name="Stack & memory").click()  # the report is one tab away from the gallery
+    assert "keys applied" in wait_text(page, "#stack-report", "keys applied")
+    page.get_by_role("tab", name="Gallery").click()
     assert "keys applied" in page.inner_text("#lora-info-0")  # coverage after apply, on the row
     duration = page.evaluate("""async () => {
         const v = document.querySelector('#video video');
@@ -183,7 +185,7 @@ def test_stack_preset_generate_stop(page, app_server):
     wait_text(page, "#run-status", "Done", timeout_s=60)
     # the gallery lists the outputs folder: both videos and the stopped run
     page.wait_for_function("() => document.querySelectorAll('#history button.thumbnail-item').length >= 3")
-    assert "stopped" in page.inner_text("#history")
+    assert "stopped" in page.inner_text("#history").lower()
 
 
 def test_two_expert_pair_triggers_lset_import_and_reuse(page, app_server, tmp_path):

@@ -67,6 +67,12 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
+def video_loaded(page) -> None:
+    """The final MP4 is playing (its first frame is drawn) before an 'after' screenshot."""
+    page.wait_for_function("() => { const v = document.querySelector('#video video'); return v && v.readyState >= 2; }",
+                           timeout=30_000)
+
+
 def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
     main, other = wide_page["1280x800"], wide_page["1920x1080"]
     for name, page in wide_page.items():
@@ -104,6 +110,7 @@ def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
         main.wait_for_timeout(150)
     assert any("step" in t for t, _ in seen) and any(f for _, f in seen), seen  # we did look at a running bar
     wait_text(main, "#run-status", "Done", timeout_s=120)
+    video_loaded(main)
     shot(main, "run-1280x800-3-after")
     # the queued run starts when the first ends: look at it mid-run at 1920x1080 too
     other.wait_for_function("() => /step ([2-9]|1[0-9])\\/20/.test(document.querySelector('#run-status').innerText)",
@@ -112,6 +119,7 @@ def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
     shot(other, "run-1920x1080-2-during")
     wait_text(other, "#run-status", "Done", timeout_s=120)
     assert len(other.evaluate(COUNT_PROGRESS_JS)) <= 1
+    video_loaded(other)
     shot(other, "run-1920x1080-3-after")
     assert "keys applied" in main.inner_text("#lora-info-0")  # the rows get their coverage after the run
     assert main.evaluate(COUNT_ERRORS_JS) == []
@@ -145,13 +153,37 @@ def test_a_failure_shows_exactly_one_error_message(page, app_server):
     page.wait_for_function("() => document.querySelector('#run-error').innerText.trim().length > 0", timeout=60_000)
     page.wait_for_timeout(1000)  # anything else that would pop up has had its chance
     errors = page.evaluate(COUNT_ERRORS_JS)
-    assert len(errors) == 1 and "e2e-breaks" in errors[0], errors
+    assert len(errors) == 1 and "e2e-breaks" in errors[0] and "cannot be read" in errors[0], errors
     assert "Done" not in page.inner_text("#run-status")
     shot(page, "run-1280x800-5-failed")
-    # the next good run clears it
     page.click("#lora-remove-0")
     page.locator("#lora-row-0").wait_for(state="hidden")
+    broken.unlink()
+
+    # a failure inside the run (the model's weights are damaged: loading fails in the engine's worker)
+    demo = next((root / "data" / "demo-models").glob("demo-wan2.1-t2v-1.3b"))
+    damaged = root / "models" / "damaged-1.3b"
+    shutil.copytree(demo, damaged)
+    for weights in (damaged / "transformer").glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:64])
+    try:
+        page.click("#rescan-models")
+        pick(page, "model-picker", "damaged-1.3b")
+        wait_text(page, "#model-note", "1 expert")
+        page.click("#generate")
+        page.wait_for_function("() => document.querySelector('#run-error').innerText.trim().length > 0",
+                               timeout=120_000)
+        page.wait_for_timeout(1000)
+        errors = page.evaluate(COUNT_ERRORS_JS)
+        assert len(errors) == 1 and "failed" in page.inner_text("#run-status"), errors
+        shot(page, "run-1280x800-6-failed-mid-run")
+    finally:
+        shutil.rmtree(damaged)
+        page.click("#rescan-models")
+
+    # the next good run clears it
+    pick(page, "model-picker", "demo-wan2.1-t2v-1.3b")
+    wait_text(page, "#model-note", "1 expert")
     page.click("#generate")
     wait_text(page, "#run-status", "Done", timeout_s=120)
     assert page.evaluate(COUNT_ERRORS_JS) == []
-    broken.unlink()
