@@ -202,8 +202,8 @@ def test_two_expert_pair_triggers_lset_import_and_reuse(page, app_server, tmp_pa
     page.click("#add-pair")
     page.locator("#lora-row-1").wait_for(state="visible")
     assert "speed_low_noise" in page.input_value("#lora-file-1 input")
-    assert page.input_value("#lora-applies-1 input") == "low-noise"
-    assert page.input_value("#lora-applies-0 input") == "high-noise"
+    assert page.input_value("#lora-applies-1 input") == "acts on low-noise only"
+    assert page.input_value("#lora-applies-0 input") == "acts on high-noise only"
     wait_text(page, "#cap-indicator", "1/3 on high-noise expert · 1/3 on low-noise expert")
 
     # trigger words go into the prompt
@@ -228,7 +228,7 @@ def test_two_expert_pair_triggers_lset_import_and_reuse(page, app_server, tmp_pa
     assert page.locator("#lora-row-1").is_visible() and not page.locator("#lora-row-2").is_visible()
     assert page.input_value("#lora-file-0 input") == "demo/speed_high_noise.safetensors"
     assert page.input_value("#lora-weight-1 input") == "0.8"
-    assert page.input_value("#lora-applies-1 input") == "low-noise"
+    assert page.input_value("#lora-applies-1 input") == "acts on low-noise only"
 
     # generate, change things, then "Reuse these settings" restores prompt, seed and stack
     page.fill("#prompt textarea", "reuse me")
@@ -284,6 +284,8 @@ def test_tools_tab_merges_the_stack_and_inspects_a_lora(page, app_server):
     pick(page, "lora-file-0", file0)
     wait_text(page, "#lora-info-0", "keys match this model")
     page.get_by_role("tab", name="Tools").click()
+    what = wait_text(page, "#merge-what", "Will merge into a copy of demo-wan2.1-t2v-1.3b")  # says what it merges
+    assert file0 in what
     page.fill("#merge-name input, #merge-name textarea", "merged-by-e2e")
     page.click("#merge-run")
     wait_text(page, "#merge-status", "wrote", timeout_s=120)
