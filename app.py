@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="allow --share without --auth: anyone with the link can use your GPU and see your outputs")
     p.add_argument("--auth", metavar="USER:PASS", help="require this login")
     p.add_argument("--models-dir", default="models")
+    p.add_argument("--comfyui", metavar="DIR", help="an existing ComfyUI models/ folder: its models and loras/ are offered too")
     p.add_argument("--loras-dir", default="loras")
     p.add_argument("--presets-dir", default="presets")
     p.add_argument("--outputs-dir", default="outputs")
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ignore-memory-plan", action="store_true",
                    help="run requests the memory plan says cannot fit (by default they are refused with the reason)")
     p.add_argument("--no-demo", action="store_true", help="do not build the demo model when no real model is found")
+    from engine.cli.core import add_speed_arguments
+
+    add_speed_arguments(p)  # --attention, --compile / --no-compile: defaults for every run from the page
     return p.parse_args(argv)
 
 
@@ -98,7 +102,16 @@ def build(args: argparse.Namespace):
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     clean_leftovers(dirs)
-    engine = Engine(Settings(offload=args.offload, lora_caps=caps, ignore_memory_plan=args.ignore_memory_plan, **dirs))
+    comfyui = None
+    if getattr(args, "comfyui", None):
+        from engine.models.comfyui import check_root
+
+        try:
+            comfyui = check_root(args.comfyui).resolve()
+        except WanStackError as e:
+            raise SystemExit(f"error: {e}") from None
+    engine = Engine(Settings(offload=args.offload, lora_caps=caps, ignore_memory_plan=args.ignore_memory_plan,
+                             comfyui_dir=comfyui, attention=args.attention, compile=args.compile, **dirs))
     if not args.no_demo and not any(m.ok and not m.demo for m in engine.model_infos()):
         log.info("no real model in %s: using the demo model (random weights)", dirs["models_dir"])
         engine.ensure_demo_model()
@@ -118,7 +131,8 @@ def build(args: argparse.Namespace):
         share=args.share,
         auth=tuple(args.auth.split(":", 1)) if args.auth else None,
         allowed_paths=[str(dirs["outputs_dir"])],
-        blocked_paths=[str(dirs[k]) for k in ("models_dir", "loras_dir", "presets_dir", "data_dir")],
+        blocked_paths=[str(dirs[k]) for k in ("models_dir", "loras_dir", "presets_dir", "data_dir")]
+        + ([str(comfyui)] if comfyui else []),
         max_file_size=args.max_upload,
         # JSON bodies (a data: image, a huge stack) are bounded too, not only file uploads
         app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=body_limit_for(args.max_upload))]},

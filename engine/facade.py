@@ -87,7 +87,7 @@ class Engine:
     def _view(self, info) -> ModelView:
         spec = self.spec(info.type) if info.ok and info.type else None
         return ModelView(id=info.id, type=info.type, ok=info.ok, reason=info.reason, demo=info.demo,
-                         label=info.label, spec=spec)
+                         label=info.label, spec=spec, source=info.source, storage_label=info.storage_label)
 
     def ensure_demo_model(self) -> list:
         """Build the demo models (and their demo LoRAs) into the data folder when models/ holds no
@@ -129,7 +129,10 @@ class Engine:
         if self._library is None:
             from engine.lora.library import LoraLibrary
 
-            self._library = LoraLibrary(self.settings.loras_dir)
+            extra = {}
+            if self.settings.comfyui_dir is not None and (Path(self.settings.comfyui_dir) / "loras").is_dir():
+                extra["comfyui"] = Path(self.settings.comfyui_dir) / "loras"  # --comfyui: its loras/ joins ours
+            self._library = LoraLibrary(self.settings.loras_dir, extra_dirs=extra)
         return self._library
 
     def loras(self, model_type: str | None, refresh: bool = False) -> list[LoraView]:

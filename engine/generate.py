@@ -163,7 +163,7 @@ class Generator:
             state["loras"] = self._apply_loras_and_plan(run_pipe, spec, req, current_plan, emit, steps=r.steps)
             state["plan"] = current_plan
             speed.apply(list(self.experts(run_pipe, spec).values()), current_plan,
-                        lambda _kind, text: emit(Status(str(text))))
+                        lambda _kind, text: emit(Status(str(text))), state["loras"])
             return self._denoise_and_decode(run_pipe, spec, req, r, image, emit, stream_video, speed)
 
         emit(Status(f"loading {info.id}"))

@@ -41,10 +41,13 @@ class ModelView:
     demo: bool = False
     label: str = ""
     spec: ModelSpec | None = None
+    source: str = "diffusers"  # diffusers | recipe | comfyui
+    storage_label: str = ""  # "fp8 scaled · 2 experts", "GGUF Q4_K · 2 experts", "bf16" (issue 10)
 
     @property
     def display(self) -> str:
-        return f"{self.id} · {'random weights' if self.demo else self.type}"
+        text = f"{self.id} · {'random weights' if self.demo else self.type}"
+        return f"{text} · {self.storage_label}" if self.storage_label and self.source != "diffusers" else text
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ SCHEMA = 1
 MAX_NAME_CHARS = 80
 MAX_PRESET_BYTES = 1 << 20  # an import larger than this is not a preset
 _KEYS = {"schema", "name", "model_type", "entries", "notes", "created", "updated"}
+# Optional run settings of speed presets (engine/speed/presets.py checks and applies them); absent = not set.
+_SETTINGS_KEYS = ("steps", "guidance", "guidance_2", "shift")
+_KEYS |= set(_SETTINGS_KEYS)
 
 
 class PresetError(RequestError):
@@ -38,9 +41,10 @@ class Preset:
     notes: str = ""
     created: str = ""
     updated: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)  # steps / guidance / guidance_2 / shift, when set
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema": SCHEMA,
             "name": self.name,
             "model_type": self.model_type,
@@ -49,6 +53,8 @@ class Preset:
             "created": self.created,
             "updated": self.updated,
         }
+        out.update({k: self.settings[k] for k in _SETTINGS_KEYS if self.settings.get(k) is not None})
+        return out
 
 
 def _now() -> str:
@@ -123,7 +129,14 @@ def validate(data: Any, source: str = "preset") -> Preset:
     for key in ("notes", "created", "updated"):
         if not isinstance(data.get(key, ""), str):
             raise PresetError(f"{source} field {key!r} must be text")
-    return Preset(name, model_type, checked, data.get("notes", ""), data.get("created", ""), data.get("updated", ""))
+    from engine.speed.presets import check_settings
+
+    try:
+        settings = check_settings(data, source)
+    except RequestError as e:
+        raise PresetError(str(e)) from None
+    return Preset(name, model_type, checked, data.get("notes", ""), data.get("created", ""), data.get("updated", ""),
+                  settings)
 
 
 def parse_json(raw: bytes | str, source: str = "uploaded file") -> Preset:

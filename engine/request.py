@@ -149,6 +149,6 @@ def refuse_unfit(plan, spec: ModelSpec, r: Resolved, n_loras: int, snapshot, cho
         lower = f"lower frames to {4 * lo + 1} or less at {r.width}x{r.height}, or lower the resolution"
     else:
         lower = f"even 1 frame at {r.width}x{r.height} does not fit: lower the resolution"
-    why = next((x for x in plan.reasons if "needs" in x), plan.reasons[0] if plan.reasons else "no plan fits")
+    why = next((x for x in plan.reasons if "needs" in x.lower()), plan.reasons[0] if plan.reasons else "no plan fits")
     raise NotEnoughMemory(f"this run cannot fit in memory: {why}. "
                           f"To run it, {lower}; {IGNORE_PLAN_HINT}.", tried=(plan.mode.value,))

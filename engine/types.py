@@ -127,6 +127,27 @@ class LoraEntry:
             raise RequestError(f"bad stack entry {d!r}: {e}") from None
 
 
+def format_weight(weight: Any) -> str:
+    """`0.8` or `1:0.8:0.5`: how CLI specs and the UI's schedule field spell a weight."""
+    if isinstance(weight, (list, tuple)):
+        return ":".join(f"{float(v):g}" for v in weight)
+    return f"{float(weight):g}"
+
+
+def parse_weight(text: str, field: str = "weight") -> Weight:
+    """`0.8` -> 0.8; `1.0:0.8:0.5` -> (1.0, 0.8, 0.5). Raises ValueError naming the bad part."""
+    parts = [p.strip() for p in str(text).strip().split(":")]
+    vals = []
+    for part in parts:
+        try:
+            vals.append(float(part))
+        except ValueError:
+            raise ValueError(
+                f"{field} {text!r}: {part!r} is not a number; write a number or numbers joined by ':' "
+                "(e.g. 1.0:0.8:0.5)") from None
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
 def _check_weight_value(name: str, v: Any, file: str, whole: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) > WEIGHT_LIMIT:
         shown = f"{v}" if whole is v else f"{v} (in {list(whole)})"

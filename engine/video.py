@@ -70,11 +70,23 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
 def streaming_unavailable() -> str | None:
     """Why Gradio's streaming video player cannot work here (it runs `ffmpeg` and `ffprobe` from PATH), or None."""
     missing = [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
-    if not missing:
-        return None
-    return (f"Video streaming is off: the streaming player needs {' and '.join(missing)} on PATH and this machine "
-            "has none; run 'bash scripts/setup.sh' as root (it installs Debian's ffmpeg) or install ffmpeg. "
-            "The finished video still shows.")
+    if missing:
+        return (f"Video streaming is off: the streaming player needs {' and '.join(missing)} on PATH and this "
+                "machine has none; run 'bash scripts/setup.sh' as root (it installs Debian's ffmpeg) or install "
+                "ffmpeg. The finished video still shows.")
+    broken = [tool for tool in ("ffmpeg", "ffprobe") if not _runs(tool)]
+    if broken:
+        return (f"Video streaming is off: {' and '.join(broken)} on PATH ({shutil.which(broken[0])}) does not run "
+                "('-version' failed); reinstall ffmpeg, e.g. with 'bash scripts/setup.sh' as root. "
+                "The finished video still shows.")
+    return None
+
+
+def _runs(tool: str) -> bool:
+    try:
+        return subprocess.run([tool, "-version"], capture_output=True, timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _ffmetadata(settings: dict) -> str:

@@ -12,11 +12,13 @@ import gradio as gr
 
 from engine.port import LoraView, ModelSpec
 from engine.types import WanStackError
+from ui import schedule_field
 from ui import stack_logic as sl
 from ui.context import UIContext
 
 log = logging.getLogger(__name__)
 PRIVATE = dict(api_visibility="private", queue=False, show_progress="hidden")
+ROW_UPDATES = 11  # what render() updates per row: Row.components()
 APPLIES = [("acts on both experts", "both"), ("acts on high-noise only", "high_noise"),
            ("acts on low-noise only", "low_noise")]
 
@@ -35,10 +37,12 @@ class Row:
     low_weight: Any
     info: Any
     triggers: Any
+    schedule: Any = None  # ui/schedule_field.py (issue 11): the weight schedule text and its curve
+    curve: Any = None
 
     def components(self) -> list:
         return [self.box, self.file, self.slider, self.weight, self.enabled, self.applies_to, self.low_weight,
-                self.info, self.triggers]
+                self.info, self.triggers, self.schedule, self.curve]
 
 
 class StackEditor:
@@ -76,6 +80,7 @@ class StackEditor:
                 weight = gr.Number(value=1.0, minimum=-10, maximum=10, step=0.05, label=f"LoRA {i + 1} weight",
                                    show_label=False, container=False, scale=0, min_width=72, elem_id=f"lora-weight-{i}",
                                    elem_classes="lora-weight")
+                schedule, curve = schedule_field.build(i)
                 enabled = gr.Checkbox(value=True, label="on", container=False, scale=0, min_width=52,
                                       elem_id=f"lora-enabled-{i}")
             with gr.Row(equal_height=True, elem_classes="row-detail"):
@@ -91,7 +96,8 @@ class StackEditor:
                 down = gr.Button("Down", size="sm", scale=0, min_width=56, elem_id=f"lora-down-{i}")
                 remove = gr.Button("Remove", size="sm", scale=0, min_width=70, variant="stop", elem_id=f"lora-remove-{i}")
             info = gr.Markdown("", elem_classes="row-info", elem_id=f"lora-info-{i}")
-        return Row(box, file, slider, weight, enabled, up, down, remove, applies_to, low_weight, info, triggers)
+        return Row(box, file, slider, weight, enabled, up, down, remove, applies_to, low_weight, info, triggers,
+                   schedule, curve)
 
     def outputs(self) -> list:
         """Everything `render()` updates, in its order."""
@@ -107,7 +113,7 @@ class StackEditor:
         (an empty update), which keeps small edits cheap."""
         if spec is None:
             return [gr.update(value="pick a model"), message, gr.update(visible=False), ""] + \
-                [gr.update(visible=False)] * (len(self.rows) * 9)
+                [gr.update(visible=False)] * (len(self.rows) * ROW_UPDATES)
         loras = self.ctx.loras(spec.type)
         choices = [v.file for v in loras if v.compatible]
         blocked = [v for v in loras if not v.compatible]
@@ -122,10 +128,10 @@ class StackEditor:
         out = [sl.cap_text(rows, spec), message, pair_update, note if only is None else gr.update()]
         for i, row in enumerate(self.rows):
             if only is not None and i not in only:
-                out += [gr.update()] * 9
+                out += [gr.update()] * ROW_UPDATES
                 continue
             if i >= len(rows):
-                out += [gr.update(visible=False)] + [gr.update()] * 8
+                out += [gr.update(visible=False)] + [gr.update()] * (ROW_UPDATES - 1)
                 continue
             r = rows[i]
             info = self.ctx.lora_info(spec.type, r["file"]) if r.get("file") else None
@@ -133,14 +139,15 @@ class StackEditor:
             out += [
                 gr.update(visible=True),
                 gr.update(choices=row_choices, value=r.get("file") or None),
-                gr.update(value=sl.clamp_slider(r.get("weight", 1.0))),
-                gr.update(value=r.get("weight", 1.0)),
+                gr.update(value=sl.clamp_slider(schedule_field.first_value(r.get("weight", 1.0)))),
+                gr.update(value=schedule_field.first_value(r.get("weight", 1.0))),
                 gr.update(value=bool(r.get("enabled", True))),
                 gr.update(value=r.get("applies_to") or "both", visible=spec.dual_expert),
                 gr.update(value=r.get("low_noise_weight"), visible=spec.dual_expert),
                 gr.update(value=self.describe(r, info, spec, (report or {}).get(r.get("file")),
                                               self.ctx.coverage(spec.type, r["file"]) if info else None)),
                 gr.update(visible=bool(info and info.trigger_words)),
+                *schedule_field.render(r),
             ]
         return out
 
@@ -288,7 +295,7 @@ def _wire_row(i, row: Row, editor, model, rows_state, report_state, prompt, full
     def on_weight(rows, value):
         rows = [dict(r) for r in rows]
         if value is None or not -10 <= float(value) <= 10:
-            old = rows[i]["weight"] if i < len(rows) else 1.0
+            old = schedule_field.first_value(rows[i]["weight"]) if i < len(rows) else 1.0
             return rows, gr.update(), gr.update(value=old)  # typed outside [-10, 10]: the box goes back
         if i < len(rows):
             rows[i]["weight"] = float(value)
@@ -349,3 +356,4 @@ def _wire_row(i, row: Row, editor, model, rows_state, report_state, prompt, full
     row.down.click(on_move(1), [model, rows_state, report_state], full, **PRIVATE)
     row.remove.click(on_remove, [model, rows_state, report_state], full, **PRIVATE)
     row.triggers.click(on_triggers, [model, rows_state, prompt], [prompt], **PRIVATE)
+    schedule_field.wire_row(i, row, rows_state, editor.message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from engine.speed.options import SpeedOptions
 from engine.types import OFFLOAD_CHOICES, GenerationRequest, LoraEntry, RequestError, Stack
 
 
@@ -44,11 +45,27 @@ def register(sub) -> None:
     p.add_argument("--shift", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
+    add_speed_arguments(p)
+    p.add_argument("--cache", default="off", help="step cache: off or first_block (needs 10+ steps)")
+    p.add_argument("--cache-threshold", type=float, help="step cache threshold in (0, 1]; higher skips more (default 0.05)")
+    p.add_argument("--fp8-compute", action="store_true",
+                   help="fp8-stored experts multiply in fp8 on Ada/Hopper GPUs (faster, slightly less precise)")
     p.add_argument("--ignore-memory-plan", action="store_true",
                    help="run even when the memory plan says it cannot fit (refused otherwise)")
     p.add_argument("--out", required=True, help="the MP4 to write")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+
+def add_speed_arguments(p) -> None:
+    """--attention and --compile/--no-compile, shared by `generate` and app.py."""
+    from engine.speed.options import ATTENTION_CHOICES
+
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="attention backend (auto: the fastest installed for the device; a missing one falls back to native)")
+    p.add_argument("--compile", dest="compile", action="store_const", const="on", default="auto",
+                   help="torch.compile the transformer blocks (default: on with CUDA, off on a CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="never compile")
 
 
 def cmd_demo(args):
@@ -128,10 +145,9 @@ def cmd_generate(args):
     info = resolve_model(args.model, args.models_dir, args.comfyui)
     entries = [parse_lora_spec(s) for s in args.lora]
     loras_dir = Path(args.loras_dir)
+    preset = None
     if args.preset:
-        from engine.presets import PresetStore
-
-        preset = PresetStore(Path(args.presets_dir)).load(args.preset)
+        preset = _preset_entries(args.preset, Path(args.presets_dir), loras_dir)
         if preset.model_type != info.type:
             print(f"note: preset {preset.name!r} was saved for {preset.model_type}; --model is {info.type}",
                   file=sys.stderr)
@@ -143,7 +159,8 @@ def cmd_generate(args):
         from engine.models.comfyui import lora_dir
 
         loras_dir = lora_dir(args.comfyui) or loras_dir
-    engine = Engine(Settings(models_dir=Path(args.models_dir) if info.source != "diffusers" else Path(info.path).parent,
+    # the engine lists the model again: a folder or recipe from its own folder, a --comfyui model from the tree
+    engine = Engine(Settings(models_dir=Path(args.models_dir) if info.source == "comfyui" else Path(info.path).parent,
                              loras_dir=loras_dir, outputs_dir=Path(args.out).parent, offload=args.offload,
                              allow_lora_paths_outside=True, comfyui_dir=Path(args.comfyui) if args.comfyui else None))
     req = GenerationRequest(
@@ -152,9 +169,20 @@ def cmd_generate(args):
         guidance=args.guidance, guidance_2=args.guidance_2, seed=args.seed, shift=args.shift,
         stack=Stack(tuple(entries)), offload=args.offload, skip_failing_loras=args.skip_failing_loras,
         ignore_memory_plan=args.ignore_memory_plan,
+        speed=SpeedOptions(attention=args.attention, compile=args.compile, cache=args.cache,
+                           cache_threshold=args.cache_threshold, fp8_compute=args.fp8_compute),
     )
+    changes: list[str] = []
+    if preset is not None and preset.settings:
+        from engine.catalog import get_spec
+        from engine.speed.presets import apply_settings
 
-    from engine.port import Retry, Status, Step
+        explicit = {name for name in ("steps", "guidance", "guidance_2", "shift") if getattr(args, name) is not None}
+        req, changes = apply_settings(req, preset.settings, get_spec(info.type), explicit, preset.name)
+        for line in changes:
+            print(line, file=sys.stderr)
+
+    from engine.port import Plan, Retry, Status, Step
 
     def on_event(event):
         if isinstance(event, Step):
@@ -163,10 +191,30 @@ def cmd_generate(args):
             print(event.text, file=sys.stderr)
         elif isinstance(event, Retry):
             print(event.message, file=sys.stderr)
+        elif isinstance(event, Plan) and event.plan.speed:
+            for line in event.plan.speed.get("reasons", []):
+                print(line, file=sys.stderr)
 
     result = engine.generate(req, on_event, out_path=args.out)
     if args.json:
         summary = result.to_dict()
         summary.pop("settings")
+        summary["preset_changes"] = changes
         return summary
     return f"wrote {result.path}: {result.frames} frames {result.width}x{result.height}, seed {result.seed}, {result.seconds:.1f}s"
+
+
+def _preset_entries(name: str, presets_dir: Path, loras_dir: Path):
+    """The preset, its rows pointed at their files in the LoRA folder; a missing file is one clear error."""
+    from engine.presets import PresetStore, mark_entries
+    from engine.speed.presets import locate_files
+
+    preset = PresetStore(presets_dir).load(name)
+    available = [p.relative_to(loras_dir).as_posix() for p in loras_dir.rglob("*.safetensors")] if loras_dir.is_dir() else []
+    preset.entries = locate_files(preset.entries, available)
+    missing = [row["file"] for row in mark_entries(preset.entries, {f: None for f in available})
+               if row["status"] == "missing" and row.get("enabled", True)]
+    if missing:
+        raise RequestError(f"preset {preset.name!r} needs {', '.join(missing)} in {loras_dir}, not there yet. "
+                           f"{preset.notes}".strip())
+    return preset

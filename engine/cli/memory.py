@@ -21,6 +21,11 @@ def register(sub) -> None:
     p.add_argument("--reserve", metavar="SIZE", default="1GiB", help="VRAM kept free for other apps (default 1GiB)")
     p.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES)
     p.add_argument("--dtype", default="bf16", choices=CAST_CHOICES, help="weights dtype on the GPU")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's; the step cache needs 10+)")
+    p.add_argument("--cache", default="off", help="step cache: off or first_block")
+    from engine.cli.core import add_speed_arguments
+
+    add_speed_arguments(p)
     p.add_argument("--storage", help="transformer storage kept in memory: fp8_scaled, fp8_e4m3fn, gguf-Q8_0, gguf-Q4_K, ...")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
@@ -74,10 +79,29 @@ def cmd_plan(args):
     plan = choose_offload(snap, work, args.offload, reserve)
     result = plan.to_dict()
     result.update(model_type=spec.type, height=height, width=width, frames=frames, loras=args.loras)
+    result["speed"] = _speed_plan(args, spec, plan)
     if args.json:
         return result
     est = plan.estimate_bytes
     parts = ", ".join(f"{k} {gib(v)}" for k, v in est["phases"].items())
     return "\n".join([f"{spec.type} {width}x{height}x{frames}: {plan.label}"
                       f"{'' if plan.fits else ' (does not fit)'}, peak {gib(est['peak'])} ({parts})"]
-                     + [f"- {r}" for r in plan.reasons])
+                     + [f"- {r}" for r in plan.reasons] + [f"- {r}" for r in result["speed"]["reasons"]])
+
+
+def _speed_plan(args, spec, plan) -> dict:
+    """Attention, compile and step cache for this plan, on this machine's GPU (or a GPU you plan for)."""
+    from engine.speed.attention import DeviceInfo, usable_backends
+    from engine.speed.compile import toolchain_problem
+    from engine.speed.options import SpeedOptions
+    from engine.speed.plan import plan_speed
+
+    options = SpeedOptions(attention=args.attention, compile=args.compile, cache=args.cache)
+    device = DeviceInfo("cpu")
+    if plan.device == "cuda":
+        import torch
+
+        device = DeviceInfo.capture("cuda") if torch.cuda.is_available() else DeviceInfo("cuda", None, "the planned GPU")
+    steps = args.steps or spec.steps
+    return plan_speed(options, device, steps, plan.mode.value, usable=usable_backends(),
+                      toolchain=toolchain_problem(device.type)).to_dict()

@@ -12,6 +12,7 @@ stays, and the file's metadata is kept. Module names go through engine.lora.name
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from engine.lora.errors import LoraFormatError
@@ -24,9 +25,10 @@ FORMATS = ("diffusers", "comfy")
 
 # Output suffix per patch role, in each naming (diff, diff_b, diff_m keep their names).
 _SUFFIX = {
-    "diffusers": {"down": "lora_A.weight", "up": "lora_B.weight"},
-    "comfy": {"down": "lora_down.weight", "up": "lora_up.weight"},
+    "diffusers": {"down": "lora_A.weight", "up": "lora_B.weight", "magnitude": "lora_magnitude_vector.weight"},
+    "comfy": {"down": "lora_down.weight", "up": "lora_up.weight", "magnitude": "dora_scale"},
 }
+_MODULATION = re.compile(r"^(?:blocks\.(\d+)\.)?scale_shift_table$")
 
 
 def output_prefix(fmt: str, expert_index: int, two_experts: bool) -> str:
@@ -40,7 +42,18 @@ def output_prefix(fmt: str, expert_index: int, two_experts: bool) -> str:
 
 
 def lora_key(fmt: str, expert_index: int, two_experts: bool, module: str, role: str) -> str:
-    """The key this tool writes for `module` (diffusers naming) and a role (down, up, alpha, diff, diff_b, diff_m)."""
+    """The key this tool writes for `module` (diffusers naming) and a role (down, up, alpha, diff, diff_b, diff_m).
+
+    A modulation table (`scale_shift_table`, Wan's `modulation`) is written as LightX2V writes it,
+    `diffusion_model.blocks.N.diff_m` / `diffusion_model.head.diff_m`, which LightX2V, WanVideoWrapper
+    and ComfyUI read (in diffusers naming: `transformer.blocks.N.scale_shift_table.diff_m`).
+    """
+    m = _MODULATION.match(module)
+    if m and role in ("diff", "diff_m"):
+        role = "diff_m"
+        if fmt == "comfy":
+            module = f"blocks.{m.group(1)}" if m.group(1) is not None else "head"
+            return f"{output_prefix(fmt, expert_index, two_experts)}.{module}.diff_m"
     if fmt == "comfy":
         module = diffusers_to_wan(module) or module
     return f"{output_prefix(fmt, expert_index, two_experts)}.{module}.{_SUFFIX[fmt].get(role, role)}"
@@ -51,6 +64,16 @@ def _diff_role(key: str) -> str:
         if key.endswith(suffix):
             return role
     raise LoraFormatError(f"key {key!r} is a full difference without a diff/diff_b/diff_m suffix")
+
+
+def _role_of(key: str) -> str:
+    """down/up/alpha/lokr_*/hada_*/dora_scale/magnitude: the role of a key, as formats.parse_lora reads it."""
+    from engine.lora.formats import _split_prefix, _split_suffix
+
+    split = _split_suffix(_split_prefix(key)[1])
+    if split is None:
+        raise LoraFormatError(f"key {key!r} has no LoRA suffix")
+    return split[1]
 
 
 def _module_of(target: str, role: str) -> str:
@@ -93,19 +116,26 @@ def convert_parsed(parsed, tensors: dict, to: str) -> tuple[dict, dict]:
             )
         out[new_key] = value
 
+    dora_from_peft = 0
     for slot in slots:
         index = 1 if slot == LOW else 0
         for patch in parsed.patches(slot):
-            if patch.kind == "lowrank":
-                roles = ["down", "up", "alpha"]
+            if patch.kind in ("lowrank", "lokr", "loha", "dora"):
                 module = _module_of(patch.target, "weight")
+                for key in patch.keys:
+                    role = _role_of(key)
+                    value = tensors[key]
+                    if role == "magnitude" and to == "comfy":  # PEFT's [out] vector as a per-row dora_scale [out, 1]
+                        value = value.reshape(-1, 1)
+                        dora_from_peft += 1
+                    put(lora_key(to, index, two_experts, module, role), value, key)
             else:
-                roles = [_diff_role(patch.keys[0])]
-                module = _module_of(patch.target, roles[0])
-            for role, key in zip(roles, patch.keys):
-                put(lora_key(to, index, two_experts, module, role), tensors[key], key)
-            if patch.kind == "lowrank" and patch.alpha is None and patch.scale != 1.0:
-                alpha = torch.tensor(patch.scale * patch.rank, dtype=torch.float32)
+                role = _diff_role(patch.keys[0])
+                module = _module_of(patch.target, role)
+                put(lora_key(to, index, two_experts, module, role), tensors[patch.keys[0]], patch.keys[0])
+            low = patch.inner if patch.kind == "dora" else patch
+            if low.kind == "lowrank" and low.alpha is None and low.scale != 1.0:
+                alpha = torch.tensor(low.scale * low.rank, dtype=torch.float32)
                 put(lora_key(to, index, two_experts, module, "alpha"), alpha, patch.keys[0])
                 alpha_added += 1
     report = {
@@ -116,6 +146,9 @@ def convert_parsed(parsed, tensors: dict, to: str) -> tuple[dict, dict]:
         "experts": ["high_noise", "low_noise"] if two_experts else (["low_noise"] if slots == [LOW] else ["single"]),
         "alpha_added": alpha_added,
     }
+    if dora_from_peft:
+        report["note"] = (f"{dora_from_peft} PEFT DoRA magnitude vectors written as dora_scale [out, 1]: the same "
+                          "weights at strength 1; at other strengths loaders give dora_scale LyCORIS's meaning")
     return out, report
 
 

@@ -234,6 +234,8 @@ def read_lora_file(path: str | Path, *, allow_pickle: bool = False, sha256: str 
         raise LoraFormatError(f"{path.name} holds no tensors; it is not a LoRA")
     for key, t in tensors.items():
         check_lora_tensor(path, key, tuple(t.shape), t.is_floating_point())
+        if key.endswith(".alpha") and t.is_floating_point() and not bool(torch.isnan(t).any()):
+            continue  # an infinite alpha is ai-toolkit's full-matrix LoKr saved in fp16 (issue 11: formats decides)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise LoraFormatError(
                 f"{path.name}: tensor {key} contains NaN or Inf values; the file is damaged or its training diverged"

@@ -30,8 +30,11 @@ class LoraLibrary:
     """Reads and inspects LoRA files; keeps parsed files (LRU by sha256) and hashes by (path, size, mtime)."""
 
     def __init__(self, loras_dir: str | Path, *, allow_pickle: bool = False, cache_entries: int = 8,
-                 cache_bytes: int = 4 << 30):
+                 cache_bytes: int = 4 << 30, extra_dirs: dict[str, Path] | None = None):
         self.loras_dir = Path(loras_dir)
+        # More LoRA folders, listed and named "<prefix>/<file>" (e.g. "comfyui/x.safetensors" for --comfyui)
+        self._extra = {prefix: LoraLibrary(folder, allow_pickle=allow_pickle)
+                       for prefix, folder in (extra_dirs or {}).items()}
         self.allow_pickle = allow_pickle
         self.cache_entries = cache_entries
         self.cache_bytes = cache_bytes  # parsed files beyond the pinned ones are dropped past this
@@ -46,6 +49,9 @@ class LoraLibrary:
         """The file of a stack entry; entries must stay inside the LoRA folder unless `resolve` is given (CLI)."""
         if resolve is not None:
             return Path(resolve(file))
+        prefix, _, rest = str(file).partition("/")
+        if rest and prefix in self._extra:
+            return self._extra[prefix].path_of(rest)
         p = Path(file)
         if p.is_absolute():
             raise RequestError(f"LoRA file {file} must be relative to the LoRA folder {self.loras_dir}")
@@ -152,6 +158,8 @@ class LoraLibrary:
     def list_loras(self, spec: ModelSpec | None = None) -> list[dict[str, Any]]:
         """Every *.safetensors under the LoRA folder (relative paths), inspected from headers only."""
         rows: list[dict[str, Any]] = []
+        for prefix, sub in self._extra.items():
+            rows += [{**row, "file": f"{prefix}/{row['file']}"} for row in sub.list_loras(spec)]
         if not self.loras_dir.is_dir():
             return rows
         root = self.loras_dir.resolve()

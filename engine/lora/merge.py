@@ -246,6 +246,7 @@ class ModuleMerger:
         self.current: dict[str, tuple] = {}
         self.originals: dict[str, Any] = {}  # name -> CPU copy of W0 (when no source file has it)
         self.file_backed: dict[str, WeightSource] = {}
+        self.fp8_scale0: dict[str, float] = {}  # name -> the fp8 weight's own scale, restored with W0
         self._scratch: Scratch | None = None
 
     @property
@@ -253,7 +254,12 @@ class ModuleMerger:
         return self._module()
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self.params.items()}
+        # GGUF parameters hold bytes; their `quant_shape` is the weight's logical shape
+        return {n: tuple(getattr(p, "quant_shape", None) or p.shape) for n, p in self.params.items()}
+
+    def mergeable(self, name: str) -> bool:
+        """False for weights stored quantized in blocks (GGUF): LoRAs act on them at runtime instead."""
+        return getattr(self.params.get(name), "quant_type", None) is None
 
     def originals_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.originals.values())
@@ -355,6 +361,10 @@ class ModuleMerger:
                 w0 = self._w0(name, param, rows if data.ndim >= 2 else None)
                 flat[rows].copy_(w0.reshape(-1, flat.shape[1]))
             self.file_backed.pop(name)
+        if name in self.fp8_scale0:
+            from engine.models.fp8 import set_scale
+
+            set_scale(self._owner(name), self.fp8_scale0.pop(name))
         del self.current[name]
 
     # -- the merge itself ------------------------------------------------------------------------
@@ -363,19 +373,30 @@ class ModuleMerger:
         data = param.data
         w0_rows = None if w0_is_live else (lambda rows: self._w0(name, param, rows if data.ndim >= 2 else None))
         if _is_fp8(data.dtype):
-            # fp8 weights (engine/models/fp8.py): stored = W / scale, so the merge adds delta / scale in fp32 to
-            # the stored values and rounds once back to fp8 (clamped to its finite range), deterministically.
-            from engine.models.fp8 import FP8_MAX
-
-            return write_merged(data, contribs, w0_rows, name=name, scratch=self._scratch,
-                                delta_scale=1.0 / self._fp8_scale(name), clamp=FP8_MAX)
+            return self._write_fp8(name, param, contribs, w0_rows)
         return write_merged(data, contribs, w0_rows, name=name, scratch=self._scratch)
 
-    def _fp8_scale(self, name: str) -> float:
+    def _write_fp8(self, name: str, param, contribs: list[Contribution], w0_rows) -> int:
+        """fp8 weights (engine/models/fp8.py store W / scale): the merge is computed in fp32 from the stored W0
+        and its scale, then rounded once back to fp8. The scale stays the file's unless the merged weights
+        outgrow fp8's range under it; then it becomes max|W| / 448. Both depend only on W0 and the stack."""
+        from engine.models.fp8 import FP8_MAX, set_scale
+
+        owner = self._owner(name)
+        s0 = self.fp8_scale0.setdefault(name, float(getattr(owner, "weight_scale", 1.0)))
+        peak: list[float] = []
+        flops = write_merged(param.data, contribs, w0_rows, name=name, scratch=self._scratch, w0_scale=s0,
+                             measure=peak)
+        s_new = s0 if peak[0] <= FP8_MAX * s0 else peak[0] / FP8_MAX
+        flops += write_merged(param.data, contribs, w0_rows, name=name, scratch=self._scratch, w0_scale=s0 / s_new,
+                              delta_scale=1.0 / s_new, clamp=FP8_MAX)
+        set_scale(owner, s_new)
+        return flops
+
+    def _owner(self, name: str):
         module = self.module
-        owner = module.get_submodule(name.rpartition(".")[0]) if module is not None and "." in name else module
-        scale = getattr(owner, "weight_scale", None)
-        return float(scale) if scale is not None else 1.0
+        return module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+
 
 
 def merged_tensor(w0, contribs: list[Contribution]):
@@ -393,12 +414,16 @@ def _is_fp8(dtype) -> bool:
 
 
 def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str = "",
-                 scratch: Scratch | None = None, delta_scale: float = 1.0, clamp: float | None = None) -> int:
+                 scratch: Scratch | None = None, w0_scale: float = 1.0, delta_scale: float = 1.0,
+                 clamp: float | None = None, measure: list | None = None) -> int:
     """Write `W0 + sum_i w_i * scale_i * (B_i @ A_i) (+ w_i * diff_i)` into `data`, fp32 accumulation in row chunks.
 
     All ranks go into one GEMM per row chunk ([rows, sum r] @ [sum r, in]), so there is one rounding
     per element for the price of one call. `w0_rows(rows)` returns W0's rows when `data` no longer
     holds W0; None means `data` still holds it. Returns the GEMM flops.
+
+    For stored-scaled weights (fp8) the sum is `w0_scale * W0 + delta_scale * delta`, clamped to `clamp`;
+    with `measure` (a list) nothing is written and max |sum| is appended instead.
     """
     import torch
 
@@ -408,8 +433,11 @@ def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str 
     if flat.data_ptr() != data.data_ptr() or not data.is_contiguous():
         raise WanStackError(f"parameter {name} is not contiguous; cannot merge a LoRA into it in place")
     out_dim, in_dim = flat.shape
+    if any(not c.patch.additive for c in contribs):
+        return _write_in_stack_order(flat, contribs, w0_rows)
     lowrank = [c for c in contribs if c.patch.kind == "lowrank"]
-    diffs = [(c.weight, c.patch.diff.reshape(out_dim, in_dim)) for c in contribs if c.patch.kind != "lowrank"]
+    diffs = [(c.weight, _full_delta(c.patch, device).reshape(out_dim, in_dim))
+             for c in contribs if c.patch.kind != "lowrank"]
     total_rank = sum(int(c.patch.down.shape[0]) for c in lowrank)
     up = down = None
     if lowrank:
@@ -423,19 +451,104 @@ def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str 
             down[off:off + r].copy_(p.down.reshape(r, in_dim))
             off += r
     step = _chunk_rows(in_dim) if data.ndim >= 2 else out_dim
+    peak = 0.0
     for r0 in range(0, out_dim, step):
         rows = slice(r0, min(r0 + step, out_dim))
         n = rows.stop - rows.start
         acc = scratch.get("acc", n * in_dim, torch.float32, device).view(n, in_dim)
         acc.copy_(flat[rows] if w0_rows is None else w0_rows(rows).reshape(n, in_dim))
+        if w0_scale != 1.0:
+            acc.mul_(w0_scale)
         if up is not None:
             acc.addmm_(up[rows], down)
         for w, d in diffs:
             acc.add_(d[rows].to(device=device, dtype=torch.float32), alpha=w * delta_scale)
+        if measure is not None:
+            peak = max(peak, float(acc.abs().max())) if acc.numel() else peak
+            continue
         if clamp is not None:
             acc.clamp_(-clamp, clamp)
         flat[rows].copy_(acc)
+    if measure is not None:
+        measure.append(peak)
     return 2 * out_dim * in_dim * total_rank
+
+
+def _full_delta(patch, device):
+    """A full-size additive change (LightX2V diff as stored; LoKr/LoHa built in fp32, scale included)."""
+    import torch
+
+    return patch.diff if patch.kind == "diff" else patch.delta(torch.float32, device)
+
+
+def _write_in_stack_order(flat, contribs: list[Contribution], w0_rows) -> int:
+    """A weight that carries a DoRA entry: the whole tensor in fp32, each entry applied in stack order.
+
+    DoRA is not additive (it renormalises the weight it is applied to), so the result is built
+    from W0 entry by entry: additive entries add w * ΔW, a DoRA entry replaces the accumulator with
+    dora_apply(accumulator). Removal still writes W0 back from its source, bit for bit.
+    """
+    import torch
+
+    out_dim, in_dim = flat.shape
+    src = flat if w0_rows is None else w0_rows(slice(0, out_dim)).reshape(out_dim, in_dim)
+    acc = src.to(device=flat.device, dtype=torch.float32, copy=True)
+    flops = 0
+    for c in contribs:
+        p = c.patch
+        if p.kind == "dora":
+            acc = dora_apply(acc, p, c.weight)
+        elif p.kind == "lowrank":
+            r = int(p.down.shape[0])
+            up = p.up.reshape(out_dim, r).to(device=acc.device, dtype=torch.float32) * (c.weight * p.scale)
+            acc.addmm_(up, p.down.reshape(r, in_dim).to(device=acc.device, dtype=torch.float32))
+            flops += 2 * out_dim * in_dim * r
+        else:
+            acc.add_(_full_delta(p, acc.device).reshape(out_dim, in_dim).to(torch.float32), alpha=c.weight)
+    flat.copy_(acc)
+    return flops
+
+
+DORA_EPS = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps, which LyCORIS adds to the norm
+
+
+def dora_apply(w, patch, strength: float):
+    """A DoRA entry applied to `w` ([out, in...] flattened to 2-D, fp32): returns the new weight (fp32).
+
+    At strength 1 both trainers agree: W = m * (w + ΔW) / ||w + ΔW||, with the norm per output row
+    (PEFT's lora_magnitude_vector, a LyCORIS dora_scale of shape [out, 1]) or per input column (a
+    dora_scale of shape [1, in], LyCORIS's default before April 2025). At other strengths we follow
+    each file's trainer (the tools disagree; ComfyUI interpolates between W0 and the result, and
+    divides by ||W0|| in one case, which neither trainer does):
+      PEFT (lora_magnitude_vector): the strength scales ΔW inside the norm, as PEFT's set_adapters
+        weight does: W = m * (w + s ΔW) / ||w + s ΔW||  (diffusers' load + fuse computes exactly this).
+      LyCORIS (dora_scale): its forward() multiplier: V = w + ΔW, W = V * (s (m / (||V|| + eps) - 1) + 1).
+    Weight 0 switches an entry off (the engine skips it), so W0 stays W0 either way.
+    """
+    import torch
+
+    inner = patch.inner
+    out_dim = w.shape[0]
+    if inner.kind == "lowrank":
+        r = int(inner.down.shape[0])
+        up = inner.up.reshape(out_dim, r).to(device=w.device, dtype=torch.float32) * inner.scale
+        delta = up @ inner.down.reshape(r, -1).to(device=w.device, dtype=torch.float32)
+    else:
+        delta = _full_delta(inner, w.device).reshape(w.shape).to(torch.float32)
+    m = patch.magnitude.to(device=w.device, dtype=torch.float32)
+    if patch.dora_style == "peft":
+        v = w + strength * delta
+        return v * (m.reshape(-1, 1) / torch.linalg.vector_norm(v, dim=1, keepdim=True))
+    v = w + delta
+    if m.shape[0] == out_dim and m.numel() == out_dim:  # dora_scale [out, 1, ...]: per output row
+        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+        k = m.reshape(-1, 1) / (norm + DORA_EPS)
+        return v * (strength * (k - 1) + 1)
+    in_ch = m.numel()  # dora_scale [1, in, ...]: per input channel, over the rows and any kernel
+    v3 = v.reshape(out_dim, in_ch, -1)
+    norm = torch.linalg.vector_norm(v3, dim=(0, 2), keepdim=True)
+    k = m.reshape(1, in_ch, 1) / (norm + DORA_EPS)
+    return (v3 * (strength * (k - 1) + 1)).reshape(v.shape)
 
 
 def _chunk_rows(cols: int) -> int:

@@ -12,7 +12,9 @@ from typing import Any
 from engine.catalog import ModelSpec
 from engine.lora.errors import LoraCapExceeded, LoraFormatError, LoraIncompatibleError
 from engine.lora.formats import ParsedLora
-from engine.lora.inspection import Coverage, check_family, coverage, expert_hint, file_coverage, width_of_shapes
+from engine.lora.inspection import (
+    Coverage, check_family, coverage, expert_hint, family_name, file_coverage, lora_width, width_of_shapes,
+)
 from engine.lora.library import LoraLibrary, Resolver, slot_for
 from engine.lora.merge import Contribution
 from engine.lora.schedule import constant_value, format_weight, is_constant, strength_for_expert
@@ -188,6 +190,10 @@ def _plan_entry(i: int, entry: LoraEntry, parsed: ParsedLora, spec: ModelSpec, s
         row["warnings"].append(
             f"{entry.file} holds two experts; {spec.label} has one, so only its high-noise part is applied"
         )
+    image_keys = {k for c in per.values() for k, (_, why) in c.reasons.items() if why.startswith("image cross-attention")}
+    if image_keys:
+        row["warnings"].append(
+            f"{family_name(lora_width(parsed))} I2V LoRA: {len(image_keys)} k_img/v_img keys have no target on {spec.label}")
     row["coverage_by_expert"] = {e: c.to_dict() for e, c in per.items()}
     row["coverage"] = file_coverage(
         parsed, per, used_slots,

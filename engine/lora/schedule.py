@@ -6,9 +6,9 @@ takes value[floor(i * len / n)].
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Sequence
 
-Weight = Union[float, tuple[float, ...]]
+from engine.types import Weight, format_weight, parse_weight  # noqa: F401  (one spelling of weights, shared with the UI)
 
 
 def value_at(values: Sequence[float], step: int, total: int) -> float:
@@ -36,27 +36,6 @@ def is_constant(weight) -> bool:
 
 def constant_value(weight) -> float:
     return float(weight) if isinstance(weight, (int, float)) else float(list(weight)[0])
-
-
-def format_weight(weight) -> str:
-    """`0.8` or `1:0.8:0.5`: the spelling of CLI specs and the UI field."""
-    if isinstance(weight, (int, float)):
-        return f"{float(weight):g}"
-    return ":".join(f"{float(v):g}" for v in weight)
-
-
-def parse_weight(text: str, field: str = "weight") -> Weight:
-    """`0.8` -> 0.8; `1.0:0.8:0.5` -> (1.0, 0.8, 0.5). Raises ValueError naming the bad part."""
-    parts = [p.strip() for p in str(text).strip().split(":")]
-    vals = []
-    for part in parts:
-        try:
-            vals.append(float(part))
-        except ValueError:
-            raise ValueError(
-                f"{field} {text!r}: {part!r} is not a number; write a number or numbers joined by ':' "
-                "(e.g. 1.0:0.8:0.5)") from None
-    return vals[0] if len(vals) == 1 else tuple(vals)
 
 
 def strength_for_expert(weight, entry_both_whole_run: bool, expert: str, high_steps: int | None):

@@ -101,6 +101,7 @@ class MergeSession:
         plan = plan_stack(self.library, spec, stack, shapes, skip_failing=skip_failing, resolve=resolve,
                           high_steps=high_steps)
         desired, scheduled = split_scheduled(plan.desired)
+        desired, scheduled = runtime_where_unmergeable(mergers, desired, scheduled, plan.rows)
         stats = {}
         for name, mg in mergers.items():
             s = mg.set(desired[name])
@@ -109,6 +110,12 @@ class MergeSession:
                            "originals_bytes": mg.originals_bytes(), "seconds": round(s.seconds, 4)}
         self._runtime.build(experts, scheduled, fingerprint)
         self._runtime.set_step(0, steps or 1)
+        for index, per_expert in self._runtime.entry_report(experts).items():  # issue 11: runtime cost per row
+            row = plan.rows[index]
+            row["runtime"] = per_expert
+            share = max((v["extra_linear_flops_fraction"] or 0.0) for v in per_expert.values())
+            row["mode_note"] = (f"weight schedule: runs unmerged through forward hooks, about {share * 100:.1f}% more "
+                                "linear-layer FLOPs per step on the expert it acts on (a constant weight is merged: 0%)")
         self.last_stats = {"unchanged": False, "experts": stats, "seconds": time.perf_counter() - t0,
                            "runtime": self._runtime.report(experts)}
         self._last = (fingerprint, skip_failing, [dict(r) for r in plan.rows])
@@ -143,3 +150,22 @@ class MergeSession:
         self._last = None
         self.closed = True
         self.library.pin(set())
+
+
+def runtime_where_unmergeable(mergers: dict[str, Any], desired, scheduled, rows):
+    """Experts with block-quantized (GGUF) weights take the whole stack through the runtime path (issue 10):
+    their constant entries become runtime entries of constant strength, reported as mode "runtime"."""
+    from engine.lora.merge import Contribution
+
+    for expert, mg in mergers.items():
+        params = desired.get(expert, {})
+        if not params or all(mg.mergeable(n) for n in params):
+            continue
+        for contribs in params.values():
+            for c in contribs:
+                scheduled.setdefault(expert, {}).setdefault(c.key, []).append(Contribution(c.key, c.patch, 1.0, c.weight))
+                row = rows[c.key[3]]
+                row.setdefault("mode_by_expert", {})[expert] = "runtime"
+                row["mode"] = "runtime"
+        desired[expert] = {}
+    return desired, scheduled

@@ -69,6 +69,22 @@ class StackRuntime:
             rt.set_step(step_index, total_steps)
         self.set_step_seconds = time.perf_counter() - t0
 
+    def entry_report(self, experts: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Stack index -> expert -> {modules, rewritten, extra FLOPs per token, share of the expert's linear FLOPs}."""
+        from engine.lora.runtime import is_linear_like
+
+        out: dict[int, dict[str, Any]] = {}
+        for expert, rt in self._by_expert.items():
+            base = sum(2 * int(m.in_features) * int(m.out_features)
+                       for m in experts[expert].modules() if is_linear_like(m))
+            for eid, rep in rt.report().items():
+                index = int(eid.split(":", 1)[0])
+                out.setdefault(index, {})[expert] = {
+                    "modules": rep["modules"], "rewritten": rep["rewritten"],
+                    "extra_flops_per_token": rep["flops_per_token"],
+                    "extra_linear_flops_fraction": round(rep["flops_per_token"] / base, 5) if base else None}
+        return out
+
     def report(self, experts: dict[str, Any]) -> dict[str, Any]:
         """Per expert: entries, hooked modules, extra FLOPs per token and their share of the expert's linear FLOPs."""
         from engine.lora.runtime import is_linear_like

@@ -56,7 +56,6 @@ def comfyui_pool(root: Path) -> Pool:
         kind = classify_file(path)
         if kind.kind == CLIP_VISION and not kind.reason:
             pool.image_encoders.append(part_of_file(path, kind, str(root)))
-    # Prefer the text encoder stored like most transformers here (fp8 with fp8), then by name.
     return pool
 
 
@@ -75,7 +74,6 @@ def scan_comfyui(root: str | Path, models_dir: Path | None = None) -> list:
     kinds = [(p, classify_file(p)) for p in _files(root, "transformer")]
     experts: dict[tuple, dict[str, Path]] = {}
     for path, kind in kinds:
-        rel = path.relative_to(root).as_posix()
         if kind.kind != TRANSFORMER or kind.reason or kind.arch is None:
             reason = kind.reason or f"{path.name} is not a Wan transformer ({kind.kind})"
             out.append(ModelInfo(path.stem, str(path), None, False, reason, source="comfyui", storage=kind.storage,
@@ -86,7 +84,6 @@ def scan_comfyui(root: str | Path, models_dir: Path | None = None) -> list:
                 kind.expert or "high_noise"] = path
             continue
         out.append(assemble(path.stem, "comfyui", str(path), {"transformer": str(path)}, None, pools))
-        del rel
     for (arch, demo, _folder, key, _storage), pair in experts.items():
         high, low = pair.get("high_noise"), pair.get("low_noise")
         first = high or low

@@ -22,9 +22,8 @@ def fp8_linear_class():
 
         def forward(self, x):
             w = self.weight.to(x.dtype)
-            scale = self.weight_scale
-            if float(scale) != 1.0:
-                w = w * scale.to(device=x.device, dtype=x.dtype)
+            if self.fp8_scaled:  # a Python flag: reading the 0-d scale would sync the GPU on every call
+                w = w * self.weight_scale.to(device=x.device, dtype=x.dtype)
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             return F.linear(x, w, bias)
 
@@ -37,6 +36,13 @@ def make_fp8(linear, scale: float) -> None:
 
     linear.__class__ = fp8_linear_class()
     linear.register_buffer("weight_scale", torch.tensor(float(scale), dtype=torch.float32), persistent=False)
+    linear.fp8_scaled = float(scale) != 1.0
+
+
+def set_scale(linear, scale: float) -> None:
+    """Give an Fp8Linear a new scale (a LoRA merge that outgrew fp8's range, or its removal)."""
+    linear.weight_scale.fill_(float(scale))
+    linear.fp8_scaled = float(scale) != 1.0
 
 
 def dequantize(t, scale: float | None, dtype):

@@ -106,8 +106,6 @@ def classify_file(path: str | Path, header: FileHeader | None = None) -> FileKin
 def _transformer(path: Path, header: FileHeader, prefix: str, bare: list[str], params: list[str], demo: bool) -> FileKind:
     t = {n[len(prefix):]: header.tensors[n] for n in params if n.startswith(prefix)}
     pe = t.get("patch_embedding.weight")
-    if pe is None:  # a diffusers transformer saved as one file
-        pe = t.get("patch_embedding.weight") or t.get("patch_embedding.proj.weight")
     width, in_ch = (pe.shape[0], pe.shape[1]) if pe and len(pe.shape) >= 2 else (0, 0)
     storage = storage_of(header, params)
     if header.format == "gguf" and header.metadata.get("general.architecture", "wan") != "wan":

@@ -37,7 +37,6 @@ class Loaded:
 
 def build_pipeline(info, dtype) -> Loaded:
     """The pipeline of a recipe / ComfyUI ModelInfo, on the CPU, transformers and text encoder in `dtype`."""
-    import torch
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
     spec = CATALOG[info.type]
@@ -67,7 +66,6 @@ def build_pipeline(info, dtype) -> Loaded:
     for module in (parts["transformer"], parts["transformer_2"], parts["text_encoder"], parts["vae"]):
         if module is not None:
             own_aligned(module)
-    del torch
     return out
 
 
@@ -118,7 +116,6 @@ def load_transformer(path: str, spec: ModelSpec, dtype):
 
         return module.eval(), None, _folder_storage(p)
     from engine.models.headers import read_header
-    from engine.models.identify import storage_of
 
     header = read_header(p)
     if header.format == "gguf":
@@ -279,15 +276,32 @@ def load_vae(path: str, spec: ModelSpec):
 
 
 def load_image_encoder(path: str):
-    """CLIP vision tower for Wan2.1 I2V (fp32): a transformers folder or a single file with HF names."""
+    """CLIP vision tower for Wan2.1 I2V (fp32): a transformers folder, or a single file in transformers' names
+    (ComfyUI's clip_vision_h.safetensors) with the shipped ViT-H/14 config (or the one the file carries)."""
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     p = Path(path)
     if p.is_dir():
         enc = CLIPVisionModel.from_pretrained(p, dtype=torch.float32).eval()
         proc_dir = p.parent / "image_processor"
-        proc = CLIPImageProcessor.from_pretrained(proc_dir) if proc_dir.is_dir() else CLIPImageProcessor()
+        proc = CLIPImageProcessor.from_pretrained(proc_dir) if proc_dir.is_dir() else \
+            CLIPImageProcessor(**shipped_config("clip-image-processor"))
         return enc, proc
-    raise RequestError(f"{p.name}: single-file CLIP image encoders are not supported yet; name the image_encoder/ "
-                       "folder of a diffusers Wan2.1 I2V model in the recipe's `image_encoder`")
+    from accelerate import init_empty_weights
+
+    from engine.lora.merge import WeightSource
+    from engine.models.headers import embedded_config, read_header
+
+    header = read_header(p)
+    if not any(n.startswith("vision_model.") for n in header.tensors):
+        raise RequestError(f"{p.name}: only CLIP vision files in transformers' names (vision_model.*) are read, "
+                           "as ComfyUI's clip_vision_h.safetensors has them; open_clip names (visual.*) are not")
+    cfg = embedded_config(header) or shipped_config("clip-vision-h")
+    proc_cfg = cfg.pop("image_processor", None) or shipped_config("clip-image-processor")
+    with init_empty_weights():
+        enc = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+    # the file keeps transformers 4's `vision_model.` names; newer transformers may name parameters without it
+    names = {n: n if n.startswith("vision_model.") else f"vision_model.{n}" for n, _ in enc.named_parameters()}
+    _fill(enc, WeightSource(p, names), p, torch.float32)
+    return enc.eval(), CLIPImageProcessor(**proc_cfg)

@@ -286,7 +286,8 @@ def find_tokenizer(text_encoder: str, pools: list[Pool], demo: bool) -> str | No
                 return f"{te}#spiece_model"
         except RequestError:
             pass
-        for cand in (te.parent / "tokenizer", te.parent / f"{te.stem}_tokenizer", te.parent / f"{te.stem}.tokenizer"):
+        # ComfyUI-style tokenizer/ beside it; Wan2GP keeps the tokenizer files in the text encoder's own folder
+        for cand in (te.parent / "tokenizer", te.parent / f"{te.stem}_tokenizer", te.parent):
             if (cand / "tokenizer.json").is_file() or (cand / "spiece.model").is_file():
                 return str(cand)
     elif (te.parent / "tokenizer").is_dir():

@@ -118,7 +118,10 @@ def write_gguf(module, path: Path, qtype: str = "Q8_0", small: int = 1024) -> Pa
             qt = q
             if name.endswith("ffn.2.weight") and qtype in ("Q4_0", "Q5_0"):
                 qt = gguf.GGMLQuantizationType[qtype[:2] + "_1"]
-            data = gguf.quants.quantize(arr, qt)
+            try:
+                data = gguf.quants.quantize(arr, qt)
+            except NotImplementedError:  # gguf-py dequantizes K-quants but cannot quantize them
+                data = _synthetic_blocks(arr.shape, qt)
             writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qt)
         else:
             bf = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16)
@@ -129,6 +132,20 @@ def write_gguf(module, path: Path, qtype: str = "Q8_0", small: int = 1024) -> Pa
     writer.close()
     del torch
     return path
+
+
+def _synthetic_blocks(shape: tuple[int, ...], qtype):
+    """Valid blocks of a quant type gguf-py cannot write (the K-quants): seeded random bytes no larger than
+    0x3B, so every fp16 block scale is finite and below 1. Tests compare against gguf's own dequantizer."""
+    import gguf
+    import numpy as np
+
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    if cols % block:
+        raise ValueError(f"{qtype} needs rows of a multiple of {block} values, got {cols}")
+    rng = np.random.default_rng(rows * 1_000_003 + cols)
+    return rng.integers(0, 0x3C, size=(rows, cols // block * type_size), dtype=np.uint8)
 
 
 def write_text_encoder(module, path: Path, storage: str = "fp32", layout: str = "comfy") -> Path:
@@ -181,6 +198,16 @@ def write_vae(module, path: Path) -> Path:
     return _save({names[k]: v.detach().float() for k, v in sd.items()}, path, config)
 
 
+def write_image_encoder(module, processor, path: Path) -> Path:
+    """The CLIP vision tower as ComfyUI's clip_vision_h.safetensors stores it (transformers names), fp32."""
+    config = {k: v for k, v in module.config.to_dict().items() if not k.startswith("_")
+              and k not in ("transformers_version", "torch_dtype", "dtype")}
+    proc = {k: v for k, v in processor.to_dict().items() if not k.startswith("_") and k != "image_processor_type"}
+    config["image_processor"] = proc
+    return _save({(k if k.startswith("vision_model.") else f"vision_model.{k}"): v.detach().float()
+                  for k, v in module.state_dict().items()}, path, config)
+
+
 def build_comfyui_tree(demo_folder: str | Path, out: str | Path, *, storages=("fp32",), gguf_types=(),
                        prefixes=("",), loras_from: str | Path | None = None, te_storages=("fp32",),
                        vae_name: str | None = None) -> Path:
@@ -214,6 +241,12 @@ def build_comfyui_tree(demo_folder: str | Path, out: str | Path, *, storages=("f
     vae = AutoencoderKLWan.from_pretrained(demo, subfolder="vae", torch_dtype=torch.float32)
     default_vae = "wan2.2_vae.safetensors" if arch == "wan2.2-ti2v-5b" else "wan_2.1_vae.safetensors"
     write_vae(vae, out / "vae" / (vae_name or default_vae))
+    if (demo / "image_encoder").is_dir():
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        enc = CLIPVisionModel.from_pretrained(demo, subfolder="image_encoder", torch_dtype=torch.float32)
+        proc = CLIPImageProcessor.from_pretrained(demo, subfolder="image_processor")
+        write_image_encoder(enc, proc, out / "clip_vision" / "clip_vision_h.safetensors")
     if loras_from is not None and Path(loras_from).is_dir():
         shutil.copytree(loras_from, out / "loras", dirs_exist_ok=True)
     return out

@@ -59,8 +59,18 @@ def usable_backends() -> dict[str, str | None]:
             _check_attention_backend_requirements(AttentionBackendName(value))
             out[name] = None
         except (RuntimeError, ImportError, ValueError) as e:
-            out[name] = _first_line(e)
+            out[name] = _short_requirement(str(e))
     return out
+
+
+def _short_requirement(message: str) -> str:
+    """diffusers' 'not usable because of missing package ... Please install `pkg>=v`.' -> 'not installed (pkg>=v)'."""
+    import re
+
+    if "missing package" in message or "not usable" in message:
+        wanted = re.search(r"install `(?:pip install )?([^`]+)`", message)
+        return f"not installed ({wanted.group(1)})" if wanted else "not installed"
+    return _first_line(Exception(message))
 
 
 def _device_problem(name: str, device: DeviceInfo) -> str | None:
@@ -68,9 +78,9 @@ def _device_problem(name: str, device: DeviceInfo) -> str | None:
     if need is None:
         return None
     if device.type != "cuda":
-        return f"{name} needs a CUDA GPU"
+        return "needs a CUDA GPU"
     if device.capability is not None and tuple(device.capability) < need:
-        return f"{name} needs compute capability {need[0]}.{need[1]}+, this GPU has {device.capability[0]}.{device.capability[1]}"
+        return f"needs compute capability {need[0]}.{need[1]}+, this GPU has {device.capability[0]}.{device.capability[1]}"
     return None
 
 
@@ -79,7 +89,7 @@ def candidates(requested: str, device: DeviceInfo, usable: dict[str, str | None]
     if requested != "auto":
         problem = _device_problem(requested, device) or usable.get(requested)
         if problem is not None:
-            return [("native", f"native SDPA instead of {requested}: {problem}")]
+            return [("native", f"native SDPA instead of {requested}: {requested} {problem}")]
         if requested == "native":
             return [("native", "native SDPA (asked for)")]
         return [(requested, f"{requested} (asked for)"), ("native", f"native SDPA: {requested} failed its test call")]
@@ -90,10 +100,10 @@ def candidates(requested: str, device: DeviceInfo, usable: dict[str, str | None]
     for name in AUTO_ORDER_CUDA:
         problem = _device_problem(name, device) or usable.get(name)
         if problem is not None:
-            missing.append(f"{name}: {problem}")
+            missing.append(f"{name} {problem}")
             continue
         why = f"{name}: the fastest usable backend on {where}"
-        out.append((name, why + (f" (skipped {'; '.join(missing)})" if missing else "")))
+        out.append((name, why + (f" ({', '.join(missing)})" if missing else "")))
     return out
 
 

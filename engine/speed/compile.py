@@ -66,17 +66,40 @@ def choose_compile(requested: str, device_type: str, offload_mode: str, *, runti
 
 
 def compile_experts(transformers, plan: CompilePlan) -> list[str]:
-    """compile_repeated_blocks on each expert not compiled yet; returns what it did, one line per expert."""
+    """Make the experts' blocks run compiled (plan on) or eager (plan off); returns one line per change.
+
+    On: compile_repeated_blocks once per model; a model whose compiled blocks were set aside gets them back
+    (same compiled function, so no recompile). Off on a compiled model: the compiled blocks are set aside for
+    this run, because torch.compile does not guard on forward hooks added inside a compiled block after it
+    was traced (torch._dynamo.config.skip_nnmodule_hook_guards): runtime-LoRA hooks would be silently ignored.
+    """
     done = []
-    if not plan.enabled:
-        return done
     for i, module in enumerate(transformers):
-        if getattr(module, _MARK, None) == plan.backend:
-            continue
-        module.compile_repeated_blocks(backend=plan.backend)
-        setattr(module, _MARK, plan.backend)
-        done.append(f"expert {i + 1}: {len(module._repeated_blocks)} block class(es) compiled with {plan.backend}")
-        log.info("compile: %s", done[-1])
+        blocks = [m for m in module.modules() if m.__class__.__name__ in (module._repeated_blocks or ())]
+        if plan.enabled and getattr(module, _MARK, None) != plan.backend:
+            module.compile_repeated_blocks(backend=plan.backend)
+            for block in blocks:
+                block._wanstack_compiled_call = block._compiled_call_impl
+            setattr(module, _MARK, plan.backend)
+            done.append(f"expert {i + 1}: {len(blocks)} blocks compiled with {plan.backend}")
+        elif plan.enabled:
+            resumed = 0
+            for block in blocks:
+                if block._compiled_call_impl is None and getattr(block, "_wanstack_compiled_call", None) is not None:
+                    block._compiled_call_impl = block._wanstack_compiled_call
+                    resumed += 1
+            if resumed:
+                done.append(f"expert {i + 1}: {resumed} compiled blocks back in use")
+        elif is_compiled(module):
+            suspended = 0
+            for block in blocks:
+                if block._compiled_call_impl is not None:
+                    block._compiled_call_impl = None
+                    suspended += 1
+            if suspended:
+                done.append(f"expert {i + 1}: compiled blocks set aside for this run ({plan.reason})")
+        if done and done[-1].startswith(f"expert {i + 1}:"):
+            log.info("compile: %s", done[-1])
     return done
 
 

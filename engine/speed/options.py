@@ -32,6 +32,7 @@ class SpeedOptions:
     compile: str = "auto"
     cache: str = "off"
     cache_threshold: float | None = None
+    fp8_compute: bool = False  # fp8 x fp8 matmuls for fp8-stored experts on Ada/Hopper (engine/speed/fp8.py)
 
     def __post_init__(self):
         for name, allowed in (("attention", ATTENTION_CHOICES), ("compile", COMPILE_CHOICES), ("cache", CACHE_CHOICES)):
@@ -41,6 +42,8 @@ class SpeedOptions:
         t = self.cache_threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t != t or not 0 < t <= 1):
             raise RequestError(f"cache_threshold {t!r} must be a number in (0, 1], e.g. 0.05 (higher skips more)")
+        if not isinstance(self.fp8_compute, bool):
+            raise RequestError(f"fp8_compute {self.fp8_compute!r} must be true or false")
 
     @property
     def threshold(self) -> float | None:
@@ -59,5 +62,5 @@ class SpeedOptions:
             raise RequestError(f"speed options must be an object like {{\"attention\": \"auto\"}}, got {d!r}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise RequestError(f"unknown speed option(s) {sorted(unknown)}; allowed: attention, compile, cache, cache_threshold")
+            raise RequestError(f"unknown speed option(s) {sorted(unknown)}; allowed: attention, compile, cache, cache_threshold, fp8_compute")
         return cls(**d)

@@ -33,7 +33,7 @@ def resolve_options(options: SpeedOptions | None, default_attention: str = "auto
     return SpeedOptions(
         attention=default_attention if o.attention == "auto" else o.attention,
         compile=default_compile if o.compile == "auto" else o.compile,
-        cache=o.cache, cache_threshold=o.cache_threshold,
+        cache=o.cache, cache_threshold=o.cache_threshold, fp8_compute=o.fp8_compute,
     )
 
 
@@ -68,6 +68,6 @@ def apply_speed(transformers: list, plan: SpeedPlan, device) -> dict:
     Returns the applied state for the run report; `attention` differs from the plan only after a fallback.
     """
     attention = apply_attention(transformers, plan.attention.requested, device)
-    compiled_now = compile_experts(transformers, plan.compile)
-    return {"attention": attention.to_dict(), "compile": {**plan.compile.to_dict(), "compiled_now": compiled_now},
+    changes = compile_experts(transformers, plan.compile)
+    return {"attention": attention.to_dict(), "compile": {**plan.compile.to_dict(), "changes": changes},
             "cache": plan.cache.to_dict()}

@@ -197,3 +197,24 @@ def test_bad_launch_flags_get_one_line_fast(tmp_path):
         assert out.returncode == 2, (args, out.stderr[-500:])
         assert expected in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-500:])
         assert time.perf_counter() - t0 < 20
+
+
+def test_every_dropdown_refuses_values_outside_its_choices(tmp_path):
+    """A hostile client can call the page's own events with any value: no dropdown takes a custom value, so
+    Gradio refuses one outside the choices before our handler runs (names from the public API are checked
+    against the server's own lists, tested above)."""
+    import gradio as gr
+
+    sys.path.insert(0, str(ROOT / "tests" / "ui"))
+    from fake_engine import FakeEngine
+
+    from ui import build_ui
+
+    demo = build_ui(FakeEngine(tmp_path))
+    dropdowns = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown)]
+    assert len(dropdowns) >= 6
+    for dd in dropdowns:
+        assert not dd.allow_custom_value, dd.elem_id
+        for value in ("../../etc/passwd", "/etc/passwd", "x\x00y"):
+            with pytest.raises(gr.Error, match="not in the list of choices"):
+                dd.preprocess(value)

@@ -30,7 +30,7 @@ def test_unfit_run_is_refused_with_the_reason_and_what_to_lower():
     with pytest.raises(NotEnoughMemory) as e:
         refuse_unfit(plan, SPEC, r, 0, snap, "auto", 0, "fp32")
     msg = str(e.value)
-    assert "cannot fit" in msg and "needs" in msg and "--ignore-memory-plan" in msg
+    assert "cannot fit" in msg and "needs 14.8 gib of ram" in msg.lower() and "--ignore-memory-plan" in msg
     # the suggested frame count really fits, the next one up does not
     suggested = int(msg.split("lower frames to ")[1].split()[0])
     assert plan_for(SPEC, 1024, 1024, suggested, snapshot=snap, dtype="fp32").fits
@@ -96,18 +96,19 @@ def test_cli_generate_with_a_preset(demo_model, demo_loras_dir, tmp_path):
 
 @pytest.mark.parametrize("name, message", [("bad\x00name", "plain folder name"), ("x" * 300, "at most 100"),
                                            (".hidden", "plain folder name"),
-                                           ("demo-wan2.1-t2v-1.3b", "already exists")])
-def test_merge_names_are_refused_before_any_work(demo_model, tmp_path, name, message):
+                                           ("demo-wan2.1-t2v-1.3b", "already a model here")])
+def test_merge_names_are_refused_before_any_work(demo_model, demo_loras_dir, tmp_path, name, message):
     from engine.facade import Engine, Settings
     from engine.types import LoraEntry, Stack
 
     model = demo_model("wan2.1-t2v-1.3b")
+    lora = next(p.relative_to(demo_loras_dir).as_posix() for p in sorted(demo_loras_dir.rglob("*style*")))
     models = tmp_path / "models"
     models.mkdir()
     data = tmp_path / "data"
     (data / "demo-models").mkdir(parents=True)
     (data / "demo-models" / model.name).symlink_to(model)
-    engine = Engine(Settings(models_dir=models, loras_dir=tmp_path, data_dir=data))
+    engine = Engine(Settings(models_dir=models, loras_dir=demo_loras_dir, data_dir=data))
     with pytest.raises(RequestError, match=message):
-        engine.merge_stack(model.name, Stack((LoraEntry("x.safetensors"),)), name)
+        engine.merge_stack(model.name, Stack((LoraEntry(lora),)), name)
     assert list(models.iterdir()) == []

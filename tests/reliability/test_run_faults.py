@@ -10,6 +10,7 @@ import torch
 
 from engine.facade import Engine, Settings
 from engine.lora.errors import LoraFormatError
+from engine.port import Memory, Retry, Step
 from engine.types import GenerationCancelled, GenerationRequest, LoraEntry, RequestError, Stack
 from engine.port import Memory, Retry, Step
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from engine.facade import Engine, Settings
+from engine.port import VideoChunk
 from engine.types import GenerationRequest
 from engine.video import probe_video, streaming_unavailable
-from engine.port import VideoChunk
 
 ARCH = "wan2.1-t2v-1.3b"
 
@@ -22,6 +22,9 @@ def test_the_check_names_what_is_missing(tmp_path, monkeypatch):
     (tmp_path / "ffmpeg").write_text("#!/bin/sh\n")
     (tmp_path / "ffmpeg").chmod(0o755)
     assert "needs ffprobe on PATH" in streaming_unavailable()
+    (tmp_path / "ffprobe").write_text("#!/bin/sh\nexit 1\n")  # present but broken: Gradio would fail per segment
+    (tmp_path / "ffprobe").chmod(0o755)
+    assert "ffprobe on PATH" in streaming_unavailable() and "does not run" in streaming_unavailable()
 
 
 def test_setup_installs_the_streaming_tools():
@@ -42,12 +45,12 @@ def test_without_the_tools_streaming_is_off_with_one_note(demo_model, tmp_path, 
     bare.mkdir()
     monkeypatch.setenv("PATH", str(bare))  # our own encoding uses imageio-ffmpeg's binary, not PATH
     events = []
-    result = engine.generate(req, lambda event: events.append(event), stream_video=True)
+    result = engine.generate(req, events.append, stream_video=True)
     assert not [e for e in events if isinstance(e, VideoChunk)]
     notes = [n for n in result.notes if "streaming is off" in n]
     assert len(notes) == 1 and probe_video(result.path).frames == result.frames
     monkeypatch.undo()
     if shutil.which("ffmpeg") and shutil.which("ffprobe"):
         events.clear()
-        result = engine.generate(req, lambda event: events.append(event), stream_video=True)
+        result = engine.generate(req, events.append, stream_video=True)
         assert [e for e in events if isinstance(e, VideoChunk)] and not any("streaming is off" in n for n in result.notes)

@@ -37,12 +37,12 @@ def test_pickle_is_refused_unless_opted_in_then_weights_only(tmp_path):
         LoraManager(tmp_path, allow_pickle=True).load(tmp_path / "evil.pt")
 
 
-def test_dora_is_refused_with_a_clear_message(tmp_path):
+def test_dora_scale_is_read_as_dora(tmp_path):  # issue 11: DoRA is merged exactly (tests/engine/lora/test_layouts.py)
     sd = _sd(tiny_transformer())
     sd["diffusion_model.blocks.0.self_attn.q.dora_scale"] = torch.ones(1, 16)
     save_file(sd, str(tmp_path / "dora.safetensors"))
-    with pytest.raises(LoraFormatError, match="DoRA is not supported"):
-        LoraManager(tmp_path).load(tmp_path / "dora.safetensors")
+    parsed = LoraManager(tmp_path).load(tmp_path / "dora.safetensors")
+    assert [p.kind for p in parsed.slots["main"]["blocks.0.attn1.to_q.weight"]] == ["dora"]
 
 
 @pytest.mark.parametrize("case,match", [

@@ -184,3 +184,14 @@ def test_pipeline_run_with_a_schedule_equals_a_per_step_remerge_loop(demo_model,
     plain = run(lambda i: None)
     assert not torch.allclose(scheduled, plain, atol=1e-3)
     torch.testing.assert_close(scheduled, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_runtime_rows_carry_their_per_step_cost(lora_dir):
+    spec = get_spec(A14B)
+    model = tiny_transformer(width=32)
+    rows = LoraManager(lora_dir).apply({"high_noise": model}, spec,
+                                       Stack((LoraEntry("a.safetensors", weight=(1.0, 0.5)),
+                                              LoraEntry("b.safetensors", weight=0.5))), steps=4, high_steps=2)
+    rt = rows[0]["runtime"]["high_noise"]
+    assert rt["modules"] > 0 and 0 < rt["extra_linear_flops_fraction"] < 1
+    assert "unmerged" in rows[0]["mode_note"] and "runtime" not in rows[1]

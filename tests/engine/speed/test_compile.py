@@ -44,14 +44,14 @@ def test_three_stack_changes_after_compile_recompile_nothing(demo_model, demo_lo
     torch._dynamo.reset()  # graphs from an earlier test would serve this model's blocks without compiling
     before_first = dynamo_counts()
     first = _run(compiled, model, Stack(), offload)
-    assert first.speed["compile"]["enabled"] and first.speed["compile"]["compiled_now"]
+    assert first.speed["compile"]["enabled"] and first.speed["compile"]["changes"]
     assert is_compiled(compiled._generator._pipe.transformer)
     after_first = dynamo_counts()
     assert after_first["frames"] > before_first["frames"], "the compiled blocks never ran"
 
     results = [_run(compiled, model, stack, offload) for stack in STACKS]
     assert dynamo_counts() == after_first, "a stack change recompiled"
-    assert all(not r.speed["compile"]["compiled_now"] for r in results)
+    assert all(not r.speed["compile"]["changes"] for r in results)
     assert all(row["status"] == "applied" for r in results for row in r.loras)
 
     # The compiled blocks read the merged weights: same frames as the same stack without compile.
@@ -79,3 +79,32 @@ def test_compile_policy_says_why_it_is_off():
 def test_compile_option_is_validated():
     with pytest.raises(ValueError, match="compile 'fast'"):
         SpeedOptions(compile="fast")
+
+
+@pytest.mark.slow
+def test_runtime_loras_run_eager_on_a_compiled_model_and_compile_comes_back_without_recompiling(
+        demo_model, demo_loras_dir, tmp_path):
+    """torch.compile does not guard on forward hooks added inside a compiled block (measured: a scheduled
+    LoRA attached after compiling was silently ignored). So a run with runtime LoRAs sets the compiled
+    blocks aside, and the next merged-only run takes them back."""
+    import torch._dynamo
+
+    model = demo_model("wan2.1-t2v-1.3b")
+    scheduled = Stack((LoraEntry("demo/style-peft.safetensors", (1.5, 0.2)),
+                       LoraEntry("demo/motion-comfy.safetensors", 0.7)))
+    compiled = _engine(model, demo_loras_dir, tmp_path, "on")
+    plain = _engine(model, demo_loras_dir, tmp_path, "off")
+    torch._dynamo.reset()
+    _run(compiled, model, Stack())
+    counts = dynamo_counts()
+
+    rt = _run(compiled, model, scheduled)
+    assert any(row.get("mode") == "runtime" for row in rt.loras)
+    assert not rt.speed["compile"]["enabled"] and "runtime" in rt.speed["compile"]["reason"]
+    assert any("set aside" in line for line in rt.speed["compile"]["changes"])
+    assert np.array_equal(iio.imread(rt.path), iio.imread(_run(plain, model, scheduled).path))
+
+    back = _run(compiled, model, STACKS[0])
+    assert back.speed["compile"]["enabled"] and any("back in use" in line for line in back.speed["compile"]["changes"])
+    assert np.array_equal(iio.imread(back.path), iio.imread(_run(plain, model, STACKS[0]).path))
+    assert dynamo_counts() == counts, "taking the compiled blocks back recompiled"

@@ -56,7 +56,7 @@ def test_single_expert_names_follow_the_wan_table(tmp_path):
         "diffusion_model.blocks.0.ffn.2.lora_up.weight",
         "diffusion_model.blocks.0.self_attn.q.diff_b",
         "diffusion_model.blocks.0.norm3.diff",  # diffusers norm2 is Wan's norm3 (cross-attention norm)
-        "diffusion_model.blocks.0.modulation.diff_m",
+        "diffusion_model.blocks.0.diff_m",  # LightX2V layout for modulation (issue 11)
         "diffusion_model.text_embedding.0.lora_down.weight",
         "diffusion_model.head.head.diff_b",
     ):
