@@ -77,8 +77,12 @@ def plan_markdown(plan: PlanView | None) -> str:
 
 
 def _sentence(text: str) -> str:
+    """Plan reasons are clauses ("needs 3 GiB of RAM: fits"); shown one after another they read as sentences."""
     text = str(text).strip()
-    return text if not text or text[-1] in ".!?" else text + "."
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
 
 
 def gauge_html(sample: MemoryView | None, final: bool = False) -> str:
