@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Union, runtime_checkable
 
 from engine.catalog import ModelSpec  # the door's model-type record: a frozen, torch-free dataclass
+from engine.speed.options import ATTENTION_CHOICES, CACHE_CHOICES, MIN_CACHE_STEPS, SpeedOptions  # torch-free
 from engine.types import GenerationRequest, GenerationResult, Stack
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,7 +23,7 @@ __all__ = [
     "Done", "EnginePort", "Event", "EventCallback", "Failed", "Memory", "MemoryView", "ModelSpec", "ModelView",
     "LoraView", "OutputView", "Plan", "PlanView", "PresetLoad", "PresetView", "Retry", "StackApplied",
     "StackEntryReport", "StackReport", "Status", "Step", "ValidatedRequest", "VideoChunk", "CoverageCount",
-    "EXPERT_NAMES",
+    "EXPERT_NAMES", "SpeedOptions", "ATTENTION_CHOICES", "CACHE_CHOICES", "MIN_CACHE_STEPS",
 ]
 
 EXPERT_NAMES = {"high_noise": "high-noise", "low_noise": "low-noise", "single": "model"}

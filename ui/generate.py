@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def build_request(ctx: UIContext, model_id: str, prompt: str, negative: str, image: str | None, width, height,
-                  frames, steps, seed, stack, fps=None, guidance=None, guidance_2=None, shift=None) -> ValidatedRequest:
+                  frames, steps, seed, stack, fps=None, guidance=None, guidance_2=None, shift=None,
+                  speed=None) -> ValidatedRequest:
     """The engine request from the page's values, validated at the engine's door (RequestError if not)."""
     spec = ctx.spec_for(model_id)
 
@@ -31,7 +32,7 @@ def build_request(ctx: UIContext, model_id: str, prompt: str, negative: str, ima
         steps=num(steps, int), guidance=num(guidance, float),
         guidance_2=num(guidance_2, float) if spec.dual_expert else None,
         seed=None if seed is None or seed == "" or int(seed) < 0 else int(seed), shift=num(shift, float), stack=stack,
-        offload=ctx.engine.offload,
+        offload=ctx.engine.offload, speed=speed,
     )
     return ctx.engine.validate(request)
 

@@ -18,6 +18,8 @@ from ui.gallery import GalleryPanel
 from ui.generate import build_request, done_text, run_events, summary_of, wall_clock
 from ui.model_panel import ModelPanel
 from ui.presets_panel import PresetsPanel
+from ui.speed_panel import SpeedPanel
+from ui.speed_panel import options as speed_options
 from ui.stack_editor import PRIVATE, StackEditor, wire
 from ui.tools_tab import build_tools_tab
 
@@ -64,6 +66,7 @@ def build_ui(engine: EnginePort, default_model: str | None = None, max_rows: int
     presets = PresetsPanel(ctx, editor)
     gallery = GalleryPanel(ctx, editor)
     jobs = JobBoard()
+    speed = SpeedPanel()
 
     with gr.Blocks(title="WanStack", fill_width=True, analytics_enabled=False) as demo:
         rows_state = gr.State([])
@@ -79,6 +82,7 @@ def build_ui(engine: EnginePort, default_model: str | None = None, max_rows: int
                         presets.build()
                         with gr.Accordion("Settings", open=True, elem_id="settings"):
                             panel.build_settings()
+                        speed.build()
                     with gr.Column(scale=5, min_width=400, elem_id="output"):
                         with gr.Row(elem_id="run-buttons"):
                             run_btn = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
@@ -146,7 +150,7 @@ def build_ui(engine: EnginePort, default_model: str | None = None, max_rows: int
 
         run_inputs = [model, panel.prompt, panel.negative, panel.image, panel.resolution, panel.frames, panel.fps,
                       panel.steps, panel.guidance, panel.guidance_2, panel.shift, panel.seed, panel.stream_video,
-                      rows_state]
+                      rows_state] + speed.inputs()
         # Only the run panel's own parts: never the stack rows (their coverage is redrawn after the run).
         run_outputs = [status, error, preview, stream, video, report, plan, gauge, summary, report_state,
                        gallery.gallery]
@@ -157,21 +161,22 @@ def build_ui(engine: EnginePort, default_model: str | None = None, max_rows: int
             return rv.progress_html(text, None, "waiting"), ""
 
         def on_run(model_id, prompt, negative, image, resolution, frames, fps, steps, guidance, guidance_2, shift,
-                   seed, stream_video, rows):
+                   seed, stream_video, rows, *speed_values):
             jobs.start()
             try:
                 yield from _run(model_id, prompt, negative, image, resolution, frames, fps, steps, guidance,
-                                guidance_2, shift, seed, stream_video, rows)
+                                guidance_2, shift, seed, stream_video, rows, *speed_values)
             finally:
                 jobs.finish()
 
         def _run(model_id, prompt, negative, image, resolution, frames, fps, steps, guidance, guidance_2, shift,
-                 seed, stream_video, rows):
+                 seed, stream_video, rows, *speed_values):
             try:
                 spec = ctx.spec_for(model_id)
                 width, height = panel.size_of(spec, resolution)
                 request = build_request(ctx, model_id, prompt, negative, image, width, height, frames, steps, seed,
-                                        sl.to_stack(rows), fps, guidance, guidance_2, shift)
+                                        sl.to_stack(rows), fps, guidance, guidance_2, shift,
+                                        speed_options(*speed_values) if speed_values else None)
             except WanStackError as e:
                 yield {status: READY, error: rv.error_html(str(e))}
                 return

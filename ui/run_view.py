@@ -73,6 +73,8 @@ def plan_markdown(plan: PlanView | None) -> str:
         text += " · ⚠ may not fit"
     if plan.reasons:
         text += "<br>" + " ".join(_sentence(r) for r in plan.reasons)
+    if plan.speed.get("reasons"):  # attention, compile, step cache (ui/speed_panel.py)
+        text += "<br>**Speed:** " + " ".join(_sentence(r) for r in plan.speed["reasons"])
     return text
 
 
