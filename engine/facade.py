@@ -162,7 +162,6 @@ class Engine:
         from engine.lora.bake import merge_model
 
         info = self.find_model(model)
-        self._check_files(self.spec(info.type), stack)
         clean = (name or "").strip() if isinstance(name, str) else ""
         if (not clean or clean in (".", "..") or "/" in clean or "\\" in clean or clean.startswith(".")
                 or len(clean) > 100 or any(ord(c) < 32 or ord(c) == 127 for c in clean)):
@@ -170,8 +169,9 @@ class Engine:
                                "characters (letters, digits, '-', '_'), e.g. my-model-merged")
         taken = {m.id for m in self.model_infos(refresh=True)}
         if clean in taken or (self.settings.models_dir / clean).exists():
-            raise RequestError(f"new model name {clean!r} is already a model here; pick another name so it does "
-                               "not shadow the existing one")
+            raise RequestError(f"new model name {clean!r} already exists (it is already a model here); pick another "
+                               "name so it does not shadow the existing one")
+        self._check_files(self.spec(info.type), stack)
         report = merge_model(info.path, stack, self.settings.models_dir / clean, dtype=dtype,
                              lora_caps=self.settings.lora_caps, resolve=self.library.path_of, progress=on_progress)
         self.model_infos(refresh=True)  # the new model is listed from now on
@@ -187,6 +187,8 @@ class Engine:
             if view is None:
                 raise RequestError(f"unknown LoRA {entry.file!r} (row {i + 1}): not in the LoRA folder "
                                    f"{self.settings.loras_dir}; copy it back, pick another file or remove the row")
+            if not view.ok:
+                raise RequestError(f"LoRA {entry.file} (row {i + 1}) cannot be read: {view.reason}")
             if not view.compatible:
                 raise RequestError(f"LoRA {entry.file} does not fit {spec.type}: {view.reason}")
         return check_stack(spec, stack)

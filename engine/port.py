@@ -122,10 +122,11 @@ class StackEntryReport:
     reason: str = ""
     sha256: str | None = None
     mode: str = "merged"
-    weights: dict[str, float] = field(default_factory=dict)  # expert -> strength
+    weights: dict[str, Any] = field(default_factory=dict)  # expert -> strength, or a list for a schedule
     coverage: CoverageCount = CoverageCount()
     by_expert: dict[str, CoverageCount] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    mode_note: str = ""  # runtime entries (weight schedules): their per-step cost in words
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "StackEntryReport":
@@ -133,7 +134,7 @@ class StackEntryReport:
                    sha256=row.get("sha256"), mode=row.get("mode") or "merged", weights=dict(row.get("weights") or {}),
                    coverage=CoverageCount.from_dict(row.get("coverage")),
                    by_expert={e: CoverageCount.from_dict(c) for e, c in (row.get("coverage_by_expert") or {}).items()},
-                   warnings=tuple(row.get("warnings") or ()))
+                   warnings=tuple(row.get("warnings") or ()), mode_note=row.get("mode_note") or "")
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,8 @@ def build_ui(engine: EnginePort, default_model: str | None = None, max_rows: int
                                 gauge = gr.HTML("", elem_id="gauge")
                             with gr.Tab("Result JSON", elem_id="result-tab"):
                                 summary = gr.JSON(label="summary", elem_id="summary")
-            with gr.Tab("Tools", elem_id="tools-tab"):
-                build_tools_tab(ctx, panel.model, rows_state, default_model)
+            with gr.Tab("Tools", elem_id="tools-tab") as tools_tab:
+                build_tools_tab(ctx, tools_tab, panel.model, rows_state, default_model)
         build_api(ctx, jobs)
 
         model = panel.model

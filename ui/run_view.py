@@ -6,6 +6,7 @@ import base64
 import html
 
 from engine.port import EXPERT_NAMES, MemoryView, PlanView, StackReport
+from engine.types import format_weight
 
 GIB = 1 << 30
 IDLE_PREVIEW = "<div class='preview-box empty'><span>the latents appear here, every step</span></div>"
@@ -49,7 +50,8 @@ def report_markdown(report: StackReport | None) -> str:
         for e in acting:
             cov = e.by_expert.get(expert)
             cov_text = f" · {cov.text()}" if cov else ""
-            lines.append(f"- `{e.file}` × {e.weights.get(expert, 0):g}{cov_text}")
+            mode = f" · {e.mode_note}" if e.mode == "runtime" and e.mode_note else ""  # issue 11: schedules
+            lines.append(f"- `{e.file}` × {format_weight(e.weights.get(expert, 0))}{cov_text}{mode}")
     other = [e for e in report.entries if e.status != "applied"]
     for e in other:
         why = f": {e.reason}" if e.reason else ""
@@ -77,8 +79,12 @@ def plan_markdown(plan: PlanView | None) -> str:
 
 
 def _sentence(text: str) -> str:
+    """Plan reasons are clauses ("needs 3 GiB of RAM: fits"); shown one after another they read as sentences."""
     text = str(text).strip()
-    return text if not text or text[-1] in ".!?" else text + "."
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
 
 
 def gauge_html(sample: MemoryView | None, final: bool = False) -> str:

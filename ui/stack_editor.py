@@ -19,7 +19,8 @@ from ui.context import UIContext
 log = logging.getLogger(__name__)
 PRIVATE = dict(api_visibility="private", queue=False, show_progress="hidden")
 ROW_UPDATES = 11  # what render() updates per row: Row.components()
-APPLIES = [("both experts", "both"), ("high-noise", "high_noise"), ("low-noise", "low_noise")]
+APPLIES = [("acts on both experts", "both"), ("acts on high-noise only", "high_noise"),
+           ("acts on low-noise only", "low_noise")]
 
 
 @dataclass
@@ -79,15 +80,17 @@ class StackEditor:
                 weight = gr.Number(value=1.0, minimum=-10, maximum=10, step=0.05, label=f"LoRA {i + 1} weight",
                                    show_label=False, container=False, scale=0, min_width=72, elem_id=f"lora-weight-{i}",
                                    elem_classes="lora-weight")
-                schedule, curve = schedule_field.build(i)
                 enabled = gr.Checkbox(value=True, label="on", container=False, scale=0, min_width=52,
                                       elem_id=f"lora-enabled-{i}")
             with gr.Row(equal_height=True, elem_classes="row-detail"):
-                applies_to = gr.Dropdown(APPLIES, value="both", label="acts on", scale=0, min_width=150,
-                                         elem_id=f"lora-applies-{i}", elem_classes="detail-field")
+                applies_to = gr.Dropdown(APPLIES, value="both", label=f"LoRA {i + 1} acts on", show_label=False,
+                                         container=False, scale=0, min_width=180, elem_id=f"lora-applies-{i}")
                 low_weight = gr.Number(value=None, minimum=-10, maximum=10, step=0.05,
-                                       label="low-noise weight (empty: same)", placeholder="same", scale=0,
-                                       min_width=170, elem_id=f"lora-lowweight-{i}", elem_classes="detail-field")
+                                       label=f"LoRA {i + 1} weight on the low-noise expert", show_label=False,
+                                       container=False, placeholder="low-noise weight: same", scale=0,
+                                       min_width=150, elem_id=f"lora-lowweight-{i}")
+                # the weight schedule (issue 11) sits on this line: the main line keeps the slider's ends visible
+                schedule, curve = schedule_field.build(i)
                 triggers = gr.Button("+ trigger words", size="sm", scale=0, min_width=110, visible=False,
                                      elem_id=f"lora-triggers-{i}")
                 up = gr.Button("Up", size="sm", scale=0, min_width=46, elem_id=f"lora-up-{i}")

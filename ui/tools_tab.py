@@ -52,8 +52,8 @@ def merge_plan_markdown(ctx: UIContext, model_id: str | None, rows: list[dict]) 
     return f"Will merge into a copy of **{model_id}**:\n{items}"
 
 
-def build_tools_tab(ctx: UIContext, model, rows_state, default_model: str | None) -> None:
-    """Inside a gr.Tab. `model` and `rows_state` are the Generate tab's model picker and current stack."""
+def build_tools_tab(ctx: UIContext, tab, model, rows_state, default_model: str | None) -> None:
+    """Inside the gr.Tab `tab`. `model` and `rows_state` are the Generate tab's model picker and current stack."""
     engine = ctx.engine
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=360):
@@ -112,7 +112,7 @@ def build_tools_tab(ctx: UIContext, model, rows_state, default_model: str | None
     inspect_btn.click(on_inspect, [lora, against], [table, full], **PRIVATE)
     rescan.click(lambda: gr.update(choices=_all_files(ctx, refresh=True)), None, [lora], **PRIVATE)
     # the tab follows the Generate tab: its model and stack are what a merge takes
-    for trigger in (model.change, rows_state.change):
+    for trigger in (tab.select, model.change, rows_state.change):
         trigger(lambda m, rows: merge_plan_markdown(ctx, m, rows), [model, rows_state], [what], **PRIVATE)
     model.change(lambda m: gr.update(value=m or ""), [model], [against], **PRIVATE)
 

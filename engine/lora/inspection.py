@@ -85,7 +85,7 @@ def describe(parsed: ParsedLora, filename: str | None = None) -> dict[str, Any]:
             areas[_area(p.target)] += 1
             if p.rank is not None:
                 ranks[p.rank] += 1
-                if p.alpha is not None:
+                if p.alpha is not None and abs(p.alpha) != float("inf"):  # ai-toolkit's full LoKr: inf, unused
                     alphas[p.alpha] += 1
             n = 1
             for s in p.delta_shape():

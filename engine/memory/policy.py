@@ -178,12 +178,12 @@ def _plan_for_cpu(snapshot: MemorySnapshot, workload: Workload, choice: str) -> 
     if choice not in ("auto", "none"):
         reasons.append(f"Offload mode {choice!r} has no effect on the CPU; using none.")
     if ram is None:
-        reasons.append(f"Needs about {gib(est.ram_bytes)} of RAM (available RAM unknown).")
+        reasons.append(f"needs about {gib(est.ram_bytes)} of RAM (available RAM unknown)")
     elif fits:
-        reasons.append(f"Needs {gib(est.ram_bytes)} of RAM, {gib(ram)} available: fits.")
+        reasons.append(f"needs {gib(est.ram_bytes)} of RAM, {gib(ram)} available: fits")
     else:
-        reasons.append(f"Needs {gib(est.ram_bytes)} of RAM, only {gib(ram)} available: lower the frames or "
-                       f"the resolution, or use a machine with a GPU.")
+        reasons.append(f"needs {gib(est.ram_bytes)} of RAM, only {gib(ram)} available: lower the frames or "
+                       f"the resolution, or use a machine with a GPU")
     if est.vae_tiling:
         reasons.append("VAE tiling is on to keep the decode within RAM.")
     reasons.append("The CPU computes in fp32 and is very slow for real models; the demo models are meant for it.")

@@ -139,7 +139,8 @@ def _load_safetensors_transformer(p: Path, spec: ModelSpec, dtype, header):
         model = WanTransformer3DModel.from_config(config)
     names = transformer_name_map(header.names())
     source = WeightSource(p, names)
-    keep_fp32 = tuple(model._keep_in_fp32_modules or ()) if dtype == torch.float16 else ()
+    # as from_pretrained does for any dtype: the time embedder, modulation tables and norms stay fp32
+    keep_fp32 = tuple(model._keep_in_fp32_modules or ()) if dtype != torch.float32 else ()
     _fill(model, source, p, dtype, keep_fp32, fp8_ok=True, make_fp8=make_fp8)
     return model.eval(), source, storage
 

@@ -23,8 +23,9 @@ COUNT_PROGRESS_JS = """
                '.meta-text', '.meta-text-center', '.loader', '.wrap.generating', '.wrap.pending'];
   const seen = new Set();
   for (const el of document.querySelectorAll(sel.join(','))) {
-    const r = el.getBoundingClientRect(), st = getComputedStyle(el);
-    if (r.width > 0 && r.height > 0 && st.visibility !== 'hidden' && st.display !== 'none' && st.opacity !== '0')
+    const r = el.getBoundingClientRect();
+    // drawn at all: a size, and neither it nor an ancestor hidden or transparent (Gradio hides trackers so)
+    if (r.width > 0 && r.height > 0 && el.checkVisibility({opacityProperty: true, visibilityProperty: true}))
       seen.add(el.closest('[role=progressbar]') || el);
   }
   return Array.from(seen).map(el => (el.id || el.className || el.tagName).toString().slice(0, 60));
@@ -37,7 +38,8 @@ COUNT_ERRORS_JS = """
   const out = [];
   for (const el of document.querySelectorAll(sel.join(','))) {
     const r = el.getBoundingClientRect();
-    if (r.width > 0 && r.height > 0 && el.innerText.trim()) out.push(el.innerText.trim().slice(0, 120));
+    if (r.width > 0 && r.height > 0 && el.checkVisibility({opacityProperty: true, visibilityProperty: true})
+        && el.innerText.trim()) out.push(el.innerText.trim().slice(0, 120));
   }
   return Array.from(new Set(out));
 }
@@ -65,6 +67,12 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
+def video_loaded(page) -> None:
+    """The final MP4 is playing (its first frame is drawn) before an 'after' screenshot."""
+    page.wait_for_function("() => { const v = document.querySelector('#video video'); return v && v.readyState >= 2; }",
+                           timeout=30_000)
+
+
 def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
     main, other = wide_page["1280x800"], wide_page["1920x1080"]
     for name, page in wide_page.items():
@@ -78,7 +86,7 @@ def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
         page.fill("#steps input", "20")
         page.press("#steps input", "Tab")
         shot(page, f"run-{name}-1-before")
-    assert main.evaluate(COUNT_PROGRESS_JS) == [] or len(main.evaluate(COUNT_PROGRESS_JS)) <= 1
+    assert main.evaluate(COUNT_PROGRESS_JS) == []  # idle: no progress shown at all
 
     main.click("#generate")
     other.click("#generate")  # queued behind the first: says how many jobs are ahead
@@ -102,6 +110,7 @@ def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
         main.wait_for_timeout(150)
     assert any("step" in t for t, _ in seen) and any(f for _, f in seen), seen  # we did look at a running bar
     wait_text(main, "#run-status", "Done", timeout_s=120)
+    video_loaded(main)
     shot(main, "run-1280x800-3-after")
     # the queued run starts when the first ends: look at it mid-run at 1920x1080 too
     other.wait_for_function("() => /step ([2-9]|1[0-9])\\/20/.test(document.querySelector('#run-status').innerText)",
@@ -110,6 +119,7 @@ def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
     shot(other, "run-1920x1080-2-during")
     wait_text(other, "#run-status", "Done", timeout_s=120)
     assert len(other.evaluate(COUNT_PROGRESS_JS)) <= 1
+    video_loaded(other)
     shot(other, "run-1920x1080-3-after")
     assert "keys applied" in main.inner_text("#lora-info-0")  # the rows get their coverage after the run
     assert main.evaluate(COUNT_ERRORS_JS) == []
@@ -143,13 +153,36 @@ def test_a_failure_shows_exactly_one_error_message(page, app_server):
     page.wait_for_function("() => document.querySelector('#run-error').innerText.trim().length > 0", timeout=60_000)
     page.wait_for_timeout(1000)  # anything else that would pop up has had its chance
     errors = page.evaluate(COUNT_ERRORS_JS)
-    assert len(errors) == 1 and "e2e-breaks" in errors[0], errors
+    assert len(errors) == 1 and "e2e-breaks" in errors[0] and "cannot be read" in errors[0], errors
     assert "Done" not in page.inner_text("#run-status")
     shot(page, "run-1280x800-5-failed")
-    # the next good run clears it
     page.click("#lora-remove-0")
     page.locator("#lora-row-0").wait_for(state="hidden")
+    broken.unlink()
+
+    # a failure inside the run (the model's weights are damaged: loading fails in the engine's worker)
+    demo = next((root / "data" / "demo-models").glob("demo-wan2.1-t2v-1.3b"))
+    damaged = root / "models" / "damaged-1.3b"
+    shutil.copytree(demo, damaged)
+    for weights in (damaged / "transformer").glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:64])
+    try:
+        page.click("#rescan-models")
+        pick(page, "model-picker", "damaged-1.3b")
+        wait_text(page, "#model-note", "1 expert")
+        page.click("#generate")
+        wait_text(page, "#run-status", "Run failed", timeout_s=120)
+        page.wait_for_timeout(1000)
+        errors = page.evaluate(COUNT_ERRORS_JS)
+        assert len(errors) == 1 and "generation failed" in errors[0], errors
+        shot(page, "run-1280x800-6-failed-mid-run")
+    finally:
+        shutil.rmtree(damaged)
+        page.click("#rescan-models")
+
+    # the next good run clears it
+    pick(page, "model-picker", "demo-wan2.1-t2v-1.3b")
+    wait_text(page, "#model-note", "1 expert")
     page.click("#generate")
     wait_text(page, "#run-status", "Done", timeout_s=120)
     assert page.evaluate(COUNT_ERRORS_JS) == []
-    broken.unlink()

@@ -204,7 +204,7 @@ def test_shipped_presets_use_the_demo_loras_of_their_model(tmp_path):
     assert len(presets) == len(list(shipped.glob("*.json"))) >= 2 and not any(p.problem for p in store.list())
     for preset in presets:
         spec = get_spec(preset.model_type)
-        assert stack_logic.over_cap(preset.entries, spec) is None
+        assert cap_problem(spec, Stack.from_list(preset.entries)) is None
         if not spec.demo:  # speed presets for real models name the user's files (tests/engine/speed/test_presets.py)
             assert preset.settings and all(e["file"] not in DEMO_LORAS for e in preset.entries)
             continue

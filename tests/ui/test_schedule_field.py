@@ -58,3 +58,19 @@ def test_page_builds_with_a_schedule_field_per_row_and_its_handler_sets_the_row(
     assert out[0][0]["weight"] == 1.0 and out[2]["value"] == ""
     out = on_schedule(rows, "1:oops")
     assert out[0][0]["weight"] == 1.0 and "LoRA row 1" in out[5]
+
+
+def test_run_report_shows_a_scheduled_entry_and_its_cost():
+    from engine.port import StackReport
+    from ui.run_view import report_markdown
+
+    report = StackReport.from_rows([
+        {"file": "speed.safetensors", "status": "applied", "mode": "runtime", "weights": {"single": [1.0, 0.5]},
+         "mode_note": "weight schedule: runs unmerged through forward hooks, about 2.1% more linear-layer FLOPs",
+         "coverage": {"applied": 4, "total": 4}, "coverage_by_expert": {"single": {"applied": 4, "total": 4}}},
+        {"file": "style.safetensors", "status": "applied", "mode": "merged", "weights": {"single": 0.8},
+         "coverage": {"applied": 4, "total": 4}, "coverage_by_expert": {"single": {"applied": 4, "total": 4}}},
+    ], ("single",))
+    text = report_markdown(report)
+    assert "`speed.safetensors` × 1:0.5" in text and "2.1% more" in text
+    assert "`style.safetensors` × 0.8" in text

@@ -99,3 +99,12 @@ def test_count_text_takes_counts_or_key_lists():
     assert sl.count_text({"applied": 40, "total": 40, "skipped": [], "unmatched": []}, "applied") == "40/40 keys applied"
     text = sl.count_text({"applied": 38, "skipped": ["a", "b"], "unmatched": 1}, "match this model")
     assert text == "38/41 keys match this model (2 skipped, 1 unmatched)"
+
+
+def test_plan_reasons_read_as_sentences():
+    from engine.port import PlanView
+    from ui.run_view import plan_markdown
+
+    text = plan_markdown(PlanView("none", reasons=("needs 3.1 GiB of RAM, 5.0 GiB available: fits",
+                                                   "The CPU computes in fp32 and is very slow.")))
+    assert "available: fits. The CPU computes" in text and "Needs 3.1 GiB" in text

@@ -155,3 +155,22 @@ def test_wan21_i2v_from_single_files_with_clip_vision_equals_the_folder(demo_mod
                     guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(1), output_type="latent").frames
 
     assert torch.equal(latents(infos["demo"]), latents(single))
+
+
+def test_bf16_compute_keeps_the_same_fp32_modules_as_from_pretrained(comfy_tree, demo_model):
+    """On a GPU experts load in bf16; a single file must keep diffusers' _keep_in_fp32_modules in fp32 too."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from engine.catalog import CATALOG
+    from engine.models.load import load_transformer
+
+    folder = WanTransformer3DModel.from_pretrained(demo_model("wan2.2-t2v-a14b"), subfolder="transformer",
+                                                   torch_dtype=torch.bfloat16)
+    single, _, _ = load_transformer(str(comfy_tree / "diffusion_models" / "wan2.2_t2v_high_noise_14B_fp32.safetensors"),
+                                    CATALOG["demo-wan2.2-t2v-a14b"], torch.bfloat16)
+    ref = dict(folder.named_parameters())
+    got = dict(single.named_parameters())
+    assert set(ref) == set(got)
+    assert {n for n, p in ref.items() if p.dtype == torch.float32} == {n for n, p in got.items() if p.dtype == torch.float32} != set()
+    assert all(torch.equal(ref[n], got[n]) for n in ref)
