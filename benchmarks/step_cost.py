@@ -226,8 +226,10 @@ def measure(bench: Bench, variants: list[str], repeats: int) -> dict[str, list[f
     # one-time recompile of the compiled blocks), allocator warm-up. The timed rounds are the steady state.
     for v in variants:
         bench.timed(v)
-    bench.counts.clear()
-    bench.cache_counts.clear()
+    if "compile" in variants:
+        bench.counts.clear()
+    if "cache" in variants:
+        bench.cache_counts.clear()
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(repeats):
         order = variants[r % len(variants):] + variants[:r % len(variants)]  # interleaved, rotating
@@ -348,7 +350,7 @@ def table(r: dict) -> str:
             note = (f"  compiled in {r.get('compile_seconds')} s; {row['recompiles_across_stack_changes']} recompiles "
                     f"across {row['stack_changes']} stack changes")
         elif v == "cache":
-            c = row["counts"]
+            c = row.get("counts", {})
             note = (f"  threshold {row['threshold']}: {c['steps_computed']} steps computed, {c['steps_skipped']} skipped"
                     if "steps_computed" in c else f"  {c.get('note')}")
         lines.append(f"{row['label']:38} {row['s_per_step']:8.4f} {row['ratio']:7.3f}x{note}")
