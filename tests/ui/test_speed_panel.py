@@ -42,4 +42,4 @@ def test_plan_panel_shows_the_speed_reasons():
     plan = PlanView("none", reasons=("fits",), speed={"reasons": ["attention: native SDPA", "compile: off (asked for)",
                                                                   "step cache: off"]})
     text = rv.plan_markdown(plan)
-    assert "**Speed:** attention: native SDPA. compile: off (asked for). step cache: off." in text
+    assert "**Speed:** Attention: native SDPA. Compile: off (asked for). Step cache: off." in text
