@@ -233,6 +233,8 @@ def measure(bench: Bench, variants: list[str], repeats: int) -> dict[str, list[f
         order = variants[r % len(variants):] + variants[:r % len(variants)]  # interleaved, rotating
         for v in order:
             times[v].append(bench.timed(v))
+            print(json.dumps({"progress": v, "repeat": r + 1, "s_per_step": round(times[v][-1], 5)}),
+                  file=sys.stderr, flush=True)
     return times
 
 
@@ -266,7 +268,10 @@ def run(shape_name: str, steps: int, repeats: int, compile_on: bool, cache_thres
             apply_attention([pipe.transformer], best["backend"], device)
             out["attention_used"] = best["backend"]
         variants = ["none", "merged"] + (["unfused"] if has_peft else []) + ["runtime", "cache"]
+        times = measure(bench, variants, repeats)
         if compile_on:
+            # Compiling takes minutes on a CPU, so the compiled variant is measured after the others, interleaved
+            # with fresh no-LoRA runs (its ratio is against those, taken in the same stretch of time).
             from engine.speed.compile import toolchain_problem
 
             problem = toolchain_problem(device.type, backend)
@@ -275,8 +280,12 @@ def run(shape_name: str, steps: int, repeats: int, compile_on: bool, cache_thres
             else:
                 bench.compile_once()
                 out["compile_seconds"] = round(bench.compile_seconds, 1)
+                print(json.dumps({"progress": "compiled", "seconds": out["compile_seconds"]}), file=sys.stderr,
+                      flush=True)
+                more = measure(bench, ["none", "compile"], repeats)
+                times["none"] += more["none"]
+                times["compile"] = more["compile"]
                 variants.insert(-1, "compile")
-        times = measure(bench, variants, repeats)
     best = {v: min(ts) for v, ts in times.items()}
     base = best["none"]
     out["variants"] = {v: {"label": LABELS[v], "s_per_step": round(best[v], 5), "ratio": round(best[v] / base, 4),

@@ -210,7 +210,8 @@ class Engine:
 
     def preset(self, name: str) -> PresetView:
         p = self.preset_store.load(name)
-        return PresetView(p.name, p.model_type, tuple(dict(e) for e in p.entries), p.notes, p.updated)
+        return PresetView(p.name, p.model_type, tuple(dict(e) for e in p.entries), p.notes, p.updated,
+                          dict(p.settings))
 
     def load_preset(self, name: str, current_model: str | None) -> PresetLoad:
         """The preset as editor rows for the model it was saved for: the current model when its type matches,

@@ -201,6 +201,7 @@ class PresetView:
     entries: tuple[dict[str, Any], ...] = ()
     notes: str = ""
     updated: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)  # speed presets: steps, guidance, guidance_2, shift
 
 
 @dataclass(frozen=True)

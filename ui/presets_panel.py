@@ -98,6 +98,9 @@ class PresetsPanel:
                 switch = [loaded.model.id] + panel.settings_updates(loaded.model.id, spec)
             else:
                 switch = keep_switch
+            switch, said = _with_preset_settings(list(switch), loaded.preset.settings, spec)
+            if said:
+                status += f"; it sets {said}"
             return [rows, None] + self.editor.render(rows, spec, message, report) + switch + [status, name]
 
         def on_save(model_id, name, rows, current):
@@ -181,3 +184,20 @@ class PresetsPanel:
         self.preset.change(on_pick, [self.preset], [self.export], **PRIVATE)
         self.upload.upload(on_import, [model, self.upload, report_state], editor_out + bar_out,
                            api_visibility="private", show_progress="hidden")
+
+
+# Positions of steps, guidance, guidance_2 and shift in [model] + ModelPanel.settings_outputs().
+_SETTING_SLOTS = {"steps": 6, "guidance": 7, "guidance_2": 8, "shift": 9}
+_SETTING_NAMES = {"steps": "steps", "guidance": "guidance", "guidance_2": "low-noise guidance", "shift": "shift"}
+
+
+def _with_preset_settings(switch: list, settings: dict, spec) -> tuple[list, str]:
+    """A speed preset's steps/guidance/shift written into the Settings fields, and the sentence saying so."""
+    said = []
+    for key, slot in _SETTING_SLOTS.items():
+        value = (settings or {}).get(key)
+        if value is None or (key == "guidance_2" and not spec.dual_expert):
+            continue
+        switch[slot] = gr.update(value=value)
+        said.append(f"{_SETTING_NAMES[key]} {value:g}")
+    return switch, ", ".join(said)

@@ -76,7 +76,7 @@ class FakeEngine:
 
     def _preset_view(self, name: str) -> PresetView:
         p = self.store.load(name)
-        return PresetView(p.name, p.model_type, tuple(p.entries), p.notes, p.updated)
+        return PresetView(p.name, p.model_type, tuple(p.entries), p.notes, p.updated, dict(p.settings))
 
     def load_preset(self, name: str, current_model: str | None) -> PresetLoad:
         preset = self._preset_view(name)

@@ -43,3 +43,22 @@ def test_plan_panel_shows_the_speed_reasons():
                                                                   "step cache: off"]})
     text = rv.plan_markdown(plan)
     assert "**Speed:** Attention: native SDPA. Compile: off (asked for). Step cache: off." in text
+
+
+def test_loading_a_speed_preset_fills_the_settings_and_says_so(tmp_path):
+    import json
+
+    from engine.catalog import get_spec
+    from ui.presets_panel import _with_preset_settings
+
+    engine = FakeEngine(tmp_path)
+    preset = {"schema": 1, "name": "Fast", "model_type": T2V, "entries": [], "steps": 4, "guidance": 1.0,
+              "guidance_2": 1.0, "shift": 5.0}
+    engine.import_preset(json.dumps(preset).encode(), "fast.json", T2V)
+    loaded = engine.load_preset("Fast", T2V)
+    assert loaded.preset.settings == {"steps": 4, "guidance": 1.0, "guidance_2": 1.0, "shift": 5.0}
+    switch, said = _with_preset_settings([None] * 12, loaded.preset.settings, get_spec(T2V))
+    assert said == "steps 4, guidance 1, shift 5"  # one expert: no low-noise guidance
+    assert switch[6]["value"] == 4 and switch[9]["value"] == 5.0 and switch[8] is None
+    _, said = _with_preset_settings([None] * 12, loaded.preset.settings, get_spec("wan2.2-t2v-a14b"))
+    assert "low-noise guidance 1" in said
