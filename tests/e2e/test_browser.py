@@ -182,7 +182,7 @@ def test_stack_preset_generate_stop(page, app_server):
     page.fill("#steps input", "2")
     page.press("#steps input", "Tab")
     page.click("#generate")
-    wait_text(page, "#run-status", "Done", timeout_s=60)
+    wait_text(page, "#run-status", "Done", timeout_s=300)
     # the gallery lists the outputs folder: both videos and the stopped run
     page.wait_for_function("() => document.querySelectorAll('#history button.thumbnail-item').length >= 3")
     assert "stopped" in page.inner_text("#history").lower()

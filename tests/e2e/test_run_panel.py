@@ -92,9 +92,9 @@ def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
     other.click("#generate")  # queued behind the first: says how many jobs are ahead
     wait_text(other, "#run-status", "waiting: 1 ahead", timeout_s=30)
     main.wait_for_function("() => /step ([2-9]|1[0-9])\\/20/.test(document.querySelector('#run-status').innerText)",
-                           timeout=120_000)
+                           timeout=300_000)
     seen = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     shot_taken = False
     while time.monotonic() < deadline:
         text = main.inner_text("#run-status")
@@ -109,15 +109,15 @@ def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
             break
         main.wait_for_timeout(150)
     assert any("step" in t for t, _ in seen) and any(f for _, f in seen), seen  # we did look at a running bar
-    wait_text(main, "#run-status", "Done", timeout_s=120)
+    wait_text(main, "#run-status", "Done", timeout_s=300)
     video_loaded(main)
     shot(main, "run-1280x800-3-after")
     # the queued run starts when the first ends: look at it mid-run at 1920x1080 too
     other.wait_for_function("() => /step ([2-9]|1[0-9])\\/20/.test(document.querySelector('#run-status').innerText)",
-                            timeout=120_000)
+                            timeout=300_000)
     assert len(other.evaluate(COUNT_PROGRESS_JS)) <= 1
     shot(other, "run-1920x1080-2-during")
-    wait_text(other, "#run-status", "Done", timeout_s=120)
+    wait_text(other, "#run-status", "Done", timeout_s=300)
     assert len(other.evaluate(COUNT_PROGRESS_JS)) <= 1
     video_loaded(other)
     shot(other, "run-1920x1080-3-after")
@@ -150,7 +150,7 @@ def test_a_failure_shows_exactly_one_error_message(page, app_server):
     page.fill("#steps input", "3")
     page.press("#steps input", "Tab")
     page.click("#generate")
-    page.wait_for_function("() => document.querySelector('#run-error').innerText.trim().length > 0", timeout=60_000)
+    wait_text(page, "#run-error", "cannot be read", timeout_s=300)  # this run's message, not the previous one
     page.wait_for_timeout(1000)  # anything else that would pop up has had its chance
     errors = page.evaluate(COUNT_ERRORS_JS)
     assert len(errors) == 1 and "e2e-breaks" in errors[0] and "cannot be read" in errors[0], errors
@@ -171,7 +171,7 @@ def test_a_failure_shows_exactly_one_error_message(page, app_server):
         pick(page, "model-picker", "damaged-1.3b")
         wait_text(page, "#model-note", "1 expert")
         page.click("#generate")
-        wait_text(page, "#run-status", "Run failed", timeout_s=120)
+        wait_text(page, "#run-status", "Run failed", timeout_s=300)
         page.wait_for_timeout(1000)
         errors = page.evaluate(COUNT_ERRORS_JS)
         assert len(errors) == 1 and "generation failed" in errors[0], errors
@@ -184,5 +184,5 @@ def test_a_failure_shows_exactly_one_error_message(page, app_server):
     pick(page, "model-picker", "demo-wan2.1-t2v-1.3b")
     wait_text(page, "#model-note", "1 expert")
     page.click("#generate")
-    wait_text(page, "#run-status", "Done", timeout_s=120)
+    wait_text(page, "#run-status", "Done", timeout_s=300)
     assert page.evaluate(COUNT_ERRORS_JS) == []
