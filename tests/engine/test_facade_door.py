@@ -14,8 +14,12 @@ SMALL, BIG = "demo-wan2.1-t2v-1.3b", "demo-wan2.2-t2v-a14b"
 
 @pytest.fixture
 def engine(demo_model, demo_loras_dir, tmp_path):
-    demo_model("wan2.1-t2v-1.3b")
-    root = demo_model("wan2.2-t2v-a14b").parent
+    # Only these two: the session's demo folder also holds whatever other tests built (a 5B among them).
+    root = tmp_path / "models"
+    root.mkdir()
+    for arch in ("wan2.1-t2v-1.3b", "wan2.2-t2v-a14b"):
+        folder = demo_model(arch)
+        (root / folder.name).symlink_to(folder, target_is_directory=True)
     return Engine(Settings(models_dir=root, loras_dir=demo_loras_dir, presets_dir=tmp_path / "presets",
                            outputs_dir=tmp_path / "out", data_dir=tmp_path / "data", lora_caps={SMALL: 2}))
 
