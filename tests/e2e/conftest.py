@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.apptools import launch_app, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -19,46 +15,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-b
 ARTIFACTS = ROOT / "test-artifacts" / "e2e"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
     """URL of the app on fresh folders (shipped presets copied in), with a cap of 2 on the 1.3B demo."""
     root = tmp_path_factory.mktemp("app")
-    shutil.copytree(ROOT / "presets", root / "presets")
-    port = free_port()
-    log = open(root / "app.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--server-port", str(port), "--models-dir", str(root / "models"),
-         "--loras-dir", str(root / "loras"), "--presets-dir", str(root / "presets"),
-         "--outputs-dir", str(root / "outputs"), "--data-dir", str(root / "data"),
-         "--lora-cap", "demo-wan2.1-t2v-1.3b=2", "--queue-size", "4"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited: {(root / 'app.log').read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url + "/gradio_api/info", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("app did not start in 180 s")
-            time.sleep(0.5)
+    proc, url = launch_app(root, "--lora-cap", "demo-wan2.1-t2v-1.3b=2", "--queue-size", "4", timeout_s=180)
     yield {"url": url, "root": root}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop(proc)
 
 
 @pytest.fixture(scope="session")
