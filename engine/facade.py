@@ -243,7 +243,10 @@ class Engine:
             r.setdefault("low_noise_weight", None)
         return PresetLoad(preset, tuple(rows), tuple(notes), model)
 
-    def save_preset(self, name: str, model_type: str, stack: Stack, notes: str | None = None) -> PresetView:
+    def save_preset(self, name: str, model_type: str, stack: Stack, notes: str | None = None,
+                    settings: dict[str, Any] | None = None) -> PresetView:
+        """Save `stack` under `name`. `notes` and `settings` (a speed preset's steps / guidance / guidance_2 /
+        shift) left as None keep those of the preset being overwritten; `settings={}` clears them."""
         from engine.presets import Preset
 
         hashes = {v.file: v.sha256 for v in self.loras(model_type)}
@@ -255,7 +258,8 @@ class Engine:
             entries.append(d)
         store = self.preset_store
         old = store.load(name) if name and store.exists(name) else None
-        store.save(Preset(name or "", model_type, entries, notes if notes is not None else (old.notes if old else "")))
+        store.save(Preset(name or "", model_type, entries, notes if notes is not None else (old.notes if old else ""),
+                          settings=dict(settings) if settings is not None else (dict(old.settings) if old else {})))
         return self.preset(name)
 
     def rename_preset(self, name: str, new_name: str) -> PresetView:

@@ -53,6 +53,8 @@ class PresetsPanel:
                 self.upload = gr.UploadButton("Import .json or Wan2GP .lset", size="sm", file_types=[".json", ".lset"],
                                               type="filepath", elem_id="preset-import")
         self.status = gr.Markdown("", elem_id="preset-status", elem_classes="small-note")
+        # The preset whose settings are on the page: {"name", "model", "applied": settings loading put there}.
+        self.loaded = gr.State(None)
 
     def wire(self, model: Any, rows_state: Any, report_state: Any, pair_state: Any, panel) -> None:
         """`panel`: the ModelPanel, whose model and settings a preset for another model switches."""
@@ -60,6 +62,7 @@ class PresetsPanel:
         editor_out = [rows_state, pair_state] + self.editor.outputs()
         switch_out = [model] + panel.settings_outputs()
         bar_out = [self.preset, self.status, self.name]
+        page_settings = [panel.steps, panel.guidance, panel.guidance_2, panel.shift]
 
         def spec_of(model_id):
             try:
@@ -79,13 +82,13 @@ class PresetsPanel:
 
         def on_load(model_id, name, report):
             if not name:
-                return keep_editor + keep_switch + ["⚠ pick a named stack to load", gr.update()]
+                return keep_editor + keep_switch + ["⚠ pick a named stack to load", gr.update(), gr.update()]
             try:
                 loaded = engine.load_preset(name, model_id)
             except WanStackError as e:
-                return keep_editor + keep_switch + [problem(e), gr.update()]
+                return keep_editor + keep_switch + [problem(e), gr.update(), gr.update()]
             if loaded.model is None:
-                return keep_editor + keep_switch + ["⚠ " + "; ".join(loaded.notes), gr.update()]
+                return keep_editor + keep_switch + ["⚠ " + "; ".join(loaded.notes), gr.update(), gr.update()]
             spec = loaded.model.spec
             rows = [dict(r) for r in loaded.rows][: ctx.max_rows]
             message = "; ".join(loaded.notes)
@@ -101,18 +104,31 @@ class PresetsPanel:
             switch, said = _with_preset_settings(list(switch), loaded.preset.settings, spec)
             if said:
                 status += f"; it sets {said}"
-            return [rows, None] + self.editor.render(rows, spec, message, report) + switch + [status, name]
+            on_page = {"name": loaded.preset.name, "model": loaded.model.id,
+                       "applied": applied_settings(loaded.preset.settings, spec)}
+            return [rows, None] + self.editor.render(rows, spec, message, report) + switch + [status, name, on_page]
 
-        def on_save(model_id, name, rows, current):
+        def on_save(model_id, name, rows, current, on_page, *values):
             name = (name or "").strip() or current
+            page = dict(zip(_SETTING_SLOTS, values))
             try:
                 spec = spec_of(model_id)
                 if spec is None:
-                    return picker(current), "⚠ pick a model before saving a stack", gr.update()
-                saved = engine.save_preset(name or "", spec.type, sl.to_stack(rows))
+                    return picker(current), "⚠ pick a model before saving a stack", gr.update(), gr.update()
+                target = next((p for p in engine.presets() if p.name == name), None)
+                settings = settings_to_save(on_page, model_id, name, page, target.settings if target else None)
+                saved = engine.save_preset(name or "", spec.type, sl.to_stack(rows), settings=settings)
             except WanStackError as e:
-                return gr.update(), problem(e), gr.update()
-            return picker(saved.name), f"saved **{saved.name}** ({len(saved.entries)} LoRAs) to presets/", ""
+                return gr.update(), problem(e), gr.update(), gr.update()
+            n = len(saved.entries)
+            status = f"saved **{saved.name}** ({n} LoRA{'s' if n != 1 else ''}) to presets/"
+            said = describe_settings(saved.settings, spec)
+            if said:
+                status += f"; it sets {said}"
+            # From now on the page is measured against what was just saved (only where the page shows it).
+            on_page = {"name": saved.name, "model": model_id,
+                       "applied": {k: v for k, v in saved.settings.items() if page.get(k) == v}}
+            return picker(saved.name), status, "", on_page
 
         def on_rename(current, new):
             try:
@@ -173,9 +189,14 @@ class PresetsPanel:
             return ([rows, None] + self.editor.render(rows, loaded.model.spec, "; ".join(loaded.notes), report)
                     + [picker(preset.name), status, preset.name])
 
-        self.load.click(on_load, [model, self.preset, report_state], editor_out + switch_out + [self.status, self.name],
-                        **PRIVATE)
-        self.save.click(on_save, [model, self.name, rows_state, self.preset], bar_out, **PRIVATE)
+        self.load.click(on_load, [model, self.preset, report_state],
+                        editor_out + switch_out + [self.status, self.name, self.loaded], **PRIVATE)
+        self.save.click(on_save, [model, self.name, rows_state, self.preset, self.loaded] + page_settings,
+                        bar_out + [self.loaded], **PRIVATE)
+        # Picking a model or rescanning puts the model's defaults in the settings: no preset's settings are on
+        # the page any more (an import fills the stack only).
+        for event in (model.input, panel.rescan.click, self.upload.upload):
+            event(lambda: None, None, [self.loaded], **PRIVATE)
         self.rename.click(on_rename, [self.preset, self.name], bar_out, **PRIVATE)
         self.duplicate.click(on_duplicate, [self.preset, self.name], bar_out, **PRIVATE)
         self.delete.click(on_ask_delete, [self.preset], [self.confirm_row, self.confirm_text, self.status], **PRIVATE)
@@ -191,13 +212,46 @@ _SETTING_SLOTS = {"steps": 6, "guidance": 7, "guidance_2": 8, "shift": 9}
 _SETTING_NAMES = {"steps": "steps", "guidance": "guidance", "guidance_2": "low-noise guidance", "shift": "shift"}
 
 
+def applied_settings(settings: dict | None, spec) -> dict[str, Any]:
+    """The settings of a preset that loading it writes into the page's fields (a one-expert model has no
+    low-noise guidance)."""
+    return {key: settings[key] for key in _SETTING_SLOTS
+            if (settings or {}).get(key) is not None and (key != "guidance_2" or spec.dual_expert)}
+
+
+def describe_settings(settings: dict | None, spec) -> str:
+    """'steps 4, guidance 1, shift 5': the settings that act on `spec`'s runs, as the status line says them."""
+    return ", ".join(f"{_SETTING_NAMES[k]} {v:g}" for k, v in applied_settings(settings, spec).items())
+
+
 def _with_preset_settings(switch: list, settings: dict, spec) -> tuple[list, str]:
     """A speed preset's steps/guidance/shift written into the Settings fields, and the sentence saying so."""
-    said = []
-    for key, slot in _SETTING_SLOTS.items():
-        value = (settings or {}).get(key)
-        if value is None or (key == "guidance_2" and not spec.dual_expert):
-            continue
-        switch[slot] = gr.update(value=value)
-        said.append(f"{_SETTING_NAMES[key]} {value:g}")
-    return switch, ", ".join(said)
+    for key, value in applied_settings(settings, spec).items():
+        switch[_SETTING_SLOTS[key]] = gr.update(value=value)
+    return switch, describe_settings(settings, spec)
+
+
+def settings_to_save(on_page: dict | None, model_id: str | None, name: str, page: dict[str, Any],
+                     target: dict | None) -> dict[str, Any] | None:
+    """The run settings to save with a stack named `name`, or None to keep those of the preset it overwrites.
+
+    `on_page`: the preset whose settings loading put on the page (its name, model and the values it wrote),
+    None when none is there (nothing loaded, or a model pick or rescan has put the model's defaults back).
+    `page`: the steps / guidance / guidance_2 / shift fields now. `target`: the settings of the preset being
+    overwritten (None for a new name).
+
+    - Saved over the preset that was loaded: its settings stay, except those the user changed, i.e. the
+      fields that now differ from what loading wrote there (an emptied field is no change).
+    - Saved under another name: the loaded preset's settings, as the page shows them now, go with the
+      stack (over the target's other settings).
+    - Nothing loaded (or another model picked since): the target keeps its own settings; the page's
+      fields are the model's defaults, not the preset's.
+    """
+    if not on_page or on_page.get("model") != model_id or not on_page.get("applied"):
+        return None
+    applied = on_page["applied"]
+    now = {k: page[k] for k in applied if page.get(k) is not None}
+    if name == on_page.get("name") and target is not None:
+        changed = {k: v for k, v in now.items() if v != applied[k]}
+        return {**(target or {}), **changed} if changed else None
+    return {**(target or {}), **now}

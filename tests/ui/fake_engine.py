@@ -86,8 +86,14 @@ class FakeEngine:
         notes = tuple(r["problem"] for r in rows if r["status"] != "ok")
         return PresetLoad(preset, tuple(rows), notes, model)
 
-    def save_preset(self, name: str, model_type: str, stack: Stack, notes: str | None = None) -> PresetView:
-        self.store.save(Preset(name, model_type, stack.to_list(), notes or ""))
+    def save_preset(self, name: str, model_type: str, stack: Stack, notes: str | None = None,
+                    settings: dict[str, Any] | None = None) -> PresetView:
+        old = self.store.load(name) if name and self.store.exists(name) else None
+        if notes is None:
+            notes = old.notes if old else ""
+        if settings is None:
+            settings = dict(old.settings) if old else {}
+        self.store.save(Preset(name, model_type, stack.to_list(), notes, settings=dict(settings)))
         return self._preset_view(name)
 
     def rename_preset(self, name: str, new_name: str) -> PresetView:
