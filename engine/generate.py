@@ -58,16 +58,39 @@ class Generator:
         release_memory()
 
     def load(self, info: ModelInfo, spec: ModelSpec):
-        """The pipeline for `info`, loaded once and cached until another model is asked for."""
-        import torch
-        from diffusers import AutoencoderKLWan, DiffusionPipeline
+        """The pipeline for `info`, loaded once and cached until another model is asked for.
 
-        from engine.device import pick_device
+        A damaged model gives one RequestError naming the file and the fix, never a loader's traceback, and
+        leaves nothing loaded: the next run (of a good model) loads as on a fresh start."""
+        from engine.memory.recovery import is_out_of_memory
+        from engine.models.load import check_weight_files
 
         key = (info.path, info.type)
         if self._pipe is not None and self._pipe_key == key:
             return self._pipe
         self.release()
+        check_weight_files(info)  # truncated or garbage files, with both sizes, before a loader sees them
+        try:
+            return self._load(info, spec, key)
+        except WanStackError:
+            raise
+        except (OSError, RuntimeError, ValueError, _safetensors_error()) as e:
+            if is_out_of_memory(e):
+                raise  # run_with_oom_recovery retries with a heavier plan
+            log.debug("loading %s failed", info.path, exc_info=True)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
+            raise RequestError(f"model {info.id} could not be loaded from {info.path}: {first}; check its files "
+                               "(download a damaged one again)") from e
+        finally:
+            if self._pipe_key != key:
+                self.release()  # a half-built pipeline is not kept
+
+    def _load(self, info: ModelInfo, spec: ModelSpec, key: tuple):
+        import torch
+        from diffusers import AutoencoderKLWan, DiffusionPipeline
+
+        from engine.device import pick_device
+
         _quiet_loading()
         self._device, self._dtype = pick_device()
         if info.source != "diffusers":  # a recipe or a model assembled from --comfyui: single files
@@ -380,6 +403,13 @@ def _dtype_kw(dtype) -> dict:
     from packaging.version import Version
 
     return {"dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype": dtype}
+
+
+def _safetensors_error() -> type:
+    """safetensors' own error (an Exception, not an OSError), raised by its readers on a damaged file."""
+    from safetensors import SafetensorError
+
+    return SafetensorError
 
 
 def _quiet_loading() -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,50 @@ def read_header(path: str | Path) -> FileHeader:
     meta = header.pop("__metadata__", None) or {}
     tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"])) for k, v in header.items()}
     return FileHeader(path, "safetensors", tensors, {str(k): str(v) for k, v in meta.items()})
+
+
+def check_complete(path: str | Path) -> None:
+    """RequestError naming a .safetensors weight file that is missing, cut short, or not a safetensors file.
+
+    Reads only the header: the file must be exactly 8 + header + the data its last tensor ends at, as the
+    safetensors loader requires; a download that stopped early is caught here with both sizes, before a
+    loader turns it into a library error.
+    """
+    import os
+    import stat
+
+    from engine.lora.files import MAX_HEADER_BYTES
+
+    path = Path(path)
+    fix = "download it again"
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise RequestError(f"{path} is not a regular file; a model file must be a .safetensors file")
+            size = st.st_size
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if not 2 <= n <= MAX_HEADER_BYTES:
+                raise RequestError(f"{path} is not a safetensors file (no valid header, {size} bytes); {fix}")
+            if 8 + n > size:
+                raise RequestError(f"{path} is truncated or not a safetensors file (its header alone needs "
+                                   f"{8 + n} bytes, found {size}); {fix}")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise RequestError(f"{path} is missing; {fix}") from None
+    except OSError as e:
+        raise RequestError(f"{path} could not be read ({e.strerror or e}); check the file or {fix}") from None
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        raise RequestError(f"{path} is not a safetensors file (its header is damaged); {fix}") from None
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        how = "truncated" if size < expected else "damaged"
+        raise RequestError(f"{path} is {how} or not a safetensors file (expected {expected} bytes, found {size}); "
+                           f"{fix}")
 
 
 def _gguf_header(path: Path) -> FileHeader:

@@ -69,6 +69,56 @@ def build_pipeline(info, dtype) -> Loaded:
     return out
 
 
+def weight_files(info) -> list[Path]:
+    """The .safetensors files loading a model reads: each component folder's (its index's shards, or its one
+    unsharded file) for a diffusers folder; a recipe's single files and component folders. GGUF files are
+    checked by their own reader."""
+    files: list[Path] = []
+    if info.source == "diffusers":
+        root = Path(info.path)
+        try:
+            index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []  # the loader says what is wrong with the folder itself
+        for name, value in index.items() if isinstance(index, dict) else ():
+            if not name.startswith("_") and isinstance(value, list) and (root / name).is_dir():
+                files += _component_files(root / name)
+        return files
+    for value in (info.files or {}).values():
+        if not value:
+            continue
+        p = Path(str(value).removesuffix("#spiece_model"))
+        if p.is_dir():
+            files += _component_files(p)
+        elif p.suffix == ".safetensors":
+            files.append(p)
+    return list(dict.fromkeys(files))
+
+
+def _component_files(folder: Path) -> list[Path]:
+    """The weight files diffusers / transformers load from one component folder (no variants)."""
+    for stem in ("diffusion_pytorch_model", "model"):
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            try:
+                shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise RequestError(f"{index} is damaged (no weight_map); download it again") from None
+            return [folder / s for s in dict.fromkeys(shards) if isinstance(s, str)]
+        if (folder / f"{stem}.safetensors").is_file():
+            return [folder / f"{stem}.safetensors"]
+    return []
+
+
+def check_weight_files(info) -> None:
+    """RequestError naming the first weight file of the model that is missing, cut short or not a safetensors
+    file, with the sizes and the fix; reads headers only."""
+    from engine.models.headers import check_complete
+
+    for path in weight_files(info):
+        check_complete(path)
+
+
 def own_aligned(module) -> None:
     """Give every CPU parameter and buffer its own 64-byte aligned storage.
 
