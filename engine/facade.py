@@ -375,6 +375,13 @@ class Engine:
 
         return list_outputs(self.settings.outputs_dir, limit)
 
+    def outputs_version(self) -> str | None:
+        """Changes when a run is added to or removed from the outputs folder (None: it just changed, ask
+        again); one stat, for pages that re-list only when it changed."""
+        from engine.outputs import outputs_version
+
+        return outputs_version(self.settings.outputs_dir)
+
 
 def _transformer_config(model_path) -> dict | None:
     """The transformer's config.json of a diffusers folder (None for other layouts or when unreadable)."""

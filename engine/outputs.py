@@ -29,6 +29,23 @@ def list_outputs(outputs_dir: str | Path, limit: int = 60) -> list[OutputView]:
     return [_view(stem, parts, root) for stem, parts in ordered]
 
 
+def outputs_version(outputs_dir: str | Path, settle_seconds: float = 1.0) -> str | None:
+    """A token that changes when a run is added to or removed from the outputs folder (every write there is
+    a rename into it, which sets the folder's mtime), "" while there is no folder. None while the folder
+    changed within `settle_seconds`: file times are kept at a kernel tick, so a second write within the
+    same tick (the sidecar after its MP4) can leave the mtime as it was; ask again."""
+    import os
+    import time
+
+    try:
+        mtime_ns = os.stat(outputs_dir).st_mtime_ns
+    except OSError:
+        return ""
+    if time.time_ns() - mtime_ns < settle_seconds * 1e9:
+        return None
+    return str(mtime_ns)
+
+
 def _view(stem: str, parts: dict[str, Path], root: Path) -> OutputView:
     settings: dict = {}
     if ".json" in parts:

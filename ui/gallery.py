@@ -14,6 +14,9 @@ from ui.context import UIContext
 from ui.stack_editor import PRIVATE, StackEditor
 
 log = logging.getLogger(__name__)
+# How often each page asks whether the outputs folder changed (one stat; the list is re-read only then), so
+# a run from another tab or session shows up without a click.
+POLL_SECONDS = 3.0
 
 
 def gallery_items(outputs: list[OutputView]) -> list[tuple[str, str]]:
@@ -55,13 +58,27 @@ class GalleryPanel:
         self.picked = gr.Markdown(picked_markdown(None), elem_id="history-picked", elem_classes="small-note")
         with gr.Row():
             self.reuse = gr.Button("Reuse these settings", size="sm", elem_id="reuse", variant="secondary")
+        self.seen = gr.State(None)  # the outputs folder's version this page's gallery shows
+        self.poll = gr.Timer(POLL_SECONDS)
 
     def refresh_update(self):
         return gr.update(value=gallery_items(self.ctx.engine.outputs()))
 
+    def tick(self, seen: str | None):
+        """(gallery update, version now): the list re-read only when the outputs folder changed."""
+        try:
+            now = self.ctx.engine.outputs_version()
+            if now is not None and now == seen:
+                return gr.update(), seen
+            return self.refresh_update(), now
+        except (WanStackError, OSError) as e:  # a tick never raises into the page; the next one tries again
+            log.warning("gallery refresh: %s", e)
+            return gr.update(), seen
+
     def wire(self, model: Any, panel, rows_state: Any, pair_state: Any, report_state: Any, message: Any) -> None:
         ctx, engine = self.ctx, self.ctx.engine
         self.refresh.click(self.refresh_update, None, [self.gallery], **PRIVATE)
+        self.poll.tick(self.tick, [self.seen], [self.gallery, self.seen], **PRIVATE)
 
         def shown() -> list[OutputView]:
             return [o for o in engine.outputs() if o.thumbnail]

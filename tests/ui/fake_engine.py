@@ -33,6 +33,8 @@ class FakeEngine:
         self.script = script
         self.cancelled = threading.Event()
         self.validated: list[ValidatedRequest] = []
+        self.past_runs: list[OutputView] = []  # what outputs() lists; tests set it and outputs_stamp
+        self.outputs_stamp: str | None = "0"
 
     # settings the page shows
     @property
@@ -150,7 +152,10 @@ class FakeEngine:
         pass
 
     def outputs(self, limit: int = 60) -> list[OutputView]:
-        return []
+        return list(self.past_runs)
+
+    def outputs_version(self) -> str | None:
+        return self.outputs_stamp
 
     def vram(self) -> MemoryView:
         return MemoryView(reason="no GPU in tests")
