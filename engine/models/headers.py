@@ -72,8 +72,8 @@ def check_complete(path: str | Path) -> None:
             if not 2 <= n <= MAX_HEADER_BYTES:
                 raise RequestError(f"{path} is not a safetensors file (no valid header, {size} bytes); {fix}")
             if 8 + n > size:
-                raise RequestError(f"{path} is truncated or not a safetensors file (its header alone needs "
-                                   f"{8 + n} bytes, found {size}); {fix}")
+                raise RequestError(f"{path} is truncated or not a safetensors file (expected at least {8 + n} "
+                                   f"bytes for its header, found {size}); {fix}")
             raw = f.read(n)
     except FileNotFoundError:
         raise RequestError(f"{path} is missing; {fix}") from None

@@ -13,6 +13,7 @@ from test_browser import pick, wait_text
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "e2e"
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+SHOTS = Path("/tmp/s3-fixes-shots")
 VIEWPORTS = {"1280x800": (1280, 800), "1920x1080": (1920, 1080)}
 
 # Everything on the page that shows progress: our run panel's bar, and every progress/ETA/timer element
@@ -125,8 +126,13 @@ def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
     assert main.evaluate(COUNT_ERRORS_JS) == []
 
 
-def test_a_failure_shows_exactly_one_error_message(page, app_server):
+def test_a_failure_shows_exactly_one_error_message(page, app_server, browser):
     root = app_server["root"]
+    # another tab left on its gallery: the runs below show up there without a click
+    other_context = browser.new_context(viewport={"width": 1280, "height": 800})
+    other = other_context.new_page()
+    other.goto(app_server["url"])
+    other.wait_for_selector("#history", timeout=60_000)
     pick(page, "model-picker", "demo-wan2.1-t2v-1.3b")
     wait_text(page, "#model-note", "1 expert")
     # refused at the door: an empty prompt
@@ -170,19 +176,35 @@ def test_a_failure_shows_exactly_one_error_message(page, app_server):
         page.click("#rescan-models")
         pick(page, "model-picker", "damaged-1.3b")
         wait_text(page, "#model-note", "1 expert")
+        page.fill("#prompt textarea", "a cat on damaged weights")
         page.click("#generate")
         wait_text(page, "#run-status", "Run failed", timeout_s=300)
         page.wait_for_timeout(1000)
         errors = page.evaluate(COUNT_ERRORS_JS)
-        assert len(errors) == 1 and "generation failed" in errors[0], errors
+        assert len(errors) == 1, errors
+        # one line naming the file and the fix, not the loader's OSError
+        message = page.inner_text("#run-error")
+        file = damaged / "transformer" / "diffusion_pytorch_model.safetensors"
+        assert f"{file} is truncated or not a safetensors file" in message and "download it again" in message
+        assert "generation failed" not in message and "OSError" not in message
         shot(page, "run-1280x800-6-failed-mid-run")
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "damaged-model-error-1280x800.png"))
+        wait_text(other, "#history", "FAILED · a cat on damaged weights", timeout_s=30)
     finally:
         shutil.rmtree(damaged)
         page.click("#rescan-models")
+    # the rescan moves the picker off the removed model: wait for it, or it may undo the pick below
+    page.wait_for_function("() => !document.querySelector('#model-picker input').value.includes('damaged')",
+                           timeout=60_000)
 
     # the next good run clears it
     pick(page, "model-picker", "demo-wan2.1-t2v-1.3b")
     wait_text(page, "#model-note", "1 expert")
+    page.fill("#prompt textarea", "a cat after the damage")
     page.click("#generate")
     wait_text(page, "#run-status", "Done", timeout_s=300)
     assert page.evaluate(COUNT_ERRORS_JS) == []
+    wait_text(other, "#history", "a cat after the damage", timeout_s=30)
+    other.screenshot(path=str(SHOTS / "other-tab-gallery-1280x800.png"))
+    other_context.close()
