@@ -87,7 +87,8 @@ class Engine:
     def _view(self, info) -> ModelView:
         spec = self.spec(info.type) if info.ok and info.type else None
         return ModelView(id=info.id, type=info.type, ok=info.ok, reason=info.reason, demo=info.demo,
-                         label=info.label, spec=spec, source=info.source, storage_label=info.storage_label)
+                         label=info.label, spec=spec, source=info.source, storage_label=info.storage_label,
+                         storage=info.storage, files={c: Path(f).name for c, f in info.files.items()})
 
     def ensure_demo_model(self) -> list:
         """Build the demo models (and their demo LoRAs) into the data folder when models/ holds no

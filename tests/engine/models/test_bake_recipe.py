@@ -156,6 +156,9 @@ def test_facade_merge_and_inspect_on_a_comfyui_model(env):
     report = engine.merge_stack("wan2.2_t2v_14B_fp8_scaled", _stack((lora, 0.5, "both")), "ui-baked")
     assert Path(report["out"]) == models / "ui-baked.json"
     assert {m.id: m for m in engine.model_infos()}["ui-baked"].storage == "fp8_scaled"
+    views = {v.id: v for v in engine.models()}  # what the page and the /models API show
+    assert views["ui-baked"].source == "recipe" and views["ui-baked"].storage == "fp8_scaled"
+    assert views["wan2.2_t2v_14B_fp8_scaled"].files["transformer"] == "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
 
 
 def _cli(*args, cwd):
