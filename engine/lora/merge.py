@@ -212,10 +212,12 @@ class MergeStats:
 
 
 def _offload_mirrors(module) -> dict[int, Any]:
-    """CPU tensors that diffusers group offloading restores parameters from (stream mode), by id(param).
+    """CPU tensors that diffusers group offloading restores parameters and buffers from (stream mode), by id.
 
-    With CUDA streams the hook keeps pinned CPU copies and assigns them back to `param.data` on
-    offload; a merged weight must be written there too or the next offload would undo it.
+    With CUDA streams the hook keeps pinned CPU copies of every parameter and buffer, assigns them back to
+    `param.data` on offload and onloads buffers from them (a group's buffers stay on the GPU between
+    onloads). A merged weight, and an fp8 weight's changed `weight_scale`, must be written there too or
+    the next offload or onload would silently undo it.
     """
     mirrors: dict[int, Any] = {}
     for sub in module.modules():
@@ -298,9 +300,14 @@ class ModuleMerger:
                     self.current[name] = sig
                     stats.written += 1
                 stats.names.append(name)
-                mirror = mirrors.get(id(param))
-                if mirror is not None and mirror.data_ptr() != param.data.data_ptr():
-                    mirror.copy_(param.data)
+                tensors = [param]
+                if _is_fp8(param.dtype):  # its scale buffer too: a merge may have changed it
+                    scale = self._owner(name)._buffers.get("weight_scale")
+                    tensors += [scale] if scale is not None else []
+                for t in tensors:
+                    mirror = mirrors.get(id(t))
+                    if mirror is not None and mirror.data_ptr() != t.data.data_ptr():
+                        mirror.copy_(t.data)
         self._scratch = None
         for src in self.sources:
             src.release()
