@@ -253,5 +253,5 @@ def settings_to_save(on_page: dict | None, model_id: str | None, name: str, page
     now = {k: page[k] for k in applied if page.get(k) is not None}
     if name == on_page.get("name") and target is not None:
         changed = {k: v for k, v in now.items() if v != applied[k]}
-        return {**(target or {}), **changed} if changed else None
+        return {**target, **changed} if changed else None
     return {**(target or {}), **now}
