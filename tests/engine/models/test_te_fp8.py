@@ -4,7 +4,7 @@ upcast per call, encoding like the same weights dequantized at load, and priced 
 Tolerances against the dequantized-at-load reference (max |difference| / max |reference| of last_hidden_state):
 fp32 is exact (the same arithmetic); in bf16/fp16 Fp8Linear multiplies by the scale in the compute dtype where
 the load-time dequantization multiplies in fp32, measured on the demo encoder at 0.0096 (bf16) and 0.0016 (fp16)
-for fp8_scaled.
+for fp8_scaled, the size of bf16's own rounding (the dequantized encoder at bf16 is 0.0096 from itself at fp32).
 """
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ def _encode(te):
     own_aligned(te)  # both sides laid out alike: CPU kernels pick paths by alignment
     with torch.no_grad():
         return te(torch.tensor(IDS)).last_hidden_state
+
+
+def _rel(got, want) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
 def _linears(te) -> dict:
@@ -108,8 +112,11 @@ def test_fp8_encoding_equals_the_weights_dequantized_at_load(te_files, storage, 
     if TOLERANCE[dtype] == 0:
         assert torch.equal(got, want)
     else:
-        rel = float((got.float() - want.float()).abs().max() / want.float().abs().max())
-        assert rel <= TOLERANCE[dtype], rel
+        assert _rel(got, want) <= TOLERANCE[dtype], _rel(got, want)
+        # and the upcast per call adds no error beyond the compute dtype's own: against the fp32 encoding, the
+        # fp8 encoder is about as close as the dequantized one (measured: ratio 0.99 bf16, 0.86 fp16)
+        exact = _encode(load_text_encoder(str(te_files[f"{storage}-dequantized"]), torch.float32))
+        assert _rel(got, exact) <= 1.5 * _rel(want, exact), (_rel(got, exact), _rel(want, exact))
     # fp16: `wo` computes in fp32 as transformers' _keep_in_fp32_modules has it, fp8 or not
     ff = fp8.encoder.block[0].layer[1].DenseReluDense
     assert ff.wo_dtype == (torch.float32 if dt == torch.float16 else dt)
@@ -234,6 +241,7 @@ def _fp8_te_info(te_files, comfy_tree):
                      storage="fp32", files=files)
 
 
+@pytest.mark.slow
 def test_generate_from_a_recipe_with_an_fp8_text_encoder(te_files, comfy_tree, tmp_path):
     """A whole run from a recipe whose text encoder is the fp8_scaled file: it stays fp8 in the loaded pipeline,
     and the run's memory plan prices it as fp8 (the CPU plan: weights in fp32, fp8 Linear weights 1 byte)."""
