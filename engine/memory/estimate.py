@@ -137,14 +137,13 @@ class Workload:
         norm and position-table parameters are counted with them: 0.005% of UMT5-XXL), the embedding and any
         other file take the compute dtype."""
         b = DTYPE_BYTES[dtype or self.dtype]
-        kept = TEXT_ENCODER_BYTES_PER_LINEAR_PARAM.get(self.text_encoder_storage or "")
-        if kept is None:
+        if self._te_kept_bytes() is None:
             return self.spec.memory.text_encoder_params * b
-        return self._te_shared_params() * b + int(self._te_linear_params() * kept)
+        return self._te_shared_params() * b + int(self._te_linear_params() * self._te_bytes_per_linear_param(dtype))
 
     def text_encode_work_bytes(self, dtype: str | None = None) -> int:
         """Working memory of the text encoding; fp8 Linear weights add one upcast copy of the largest (an FFN)."""
-        if (self.text_encoder_storage or "") not in TEXT_ENCODER_BYTES_PER_LINEAR_PARAM:
+        if self._te_kept_bytes() is None:
             return TEXT_ENCODE_WORK_BYTES
         largest = min(UMT5_D_FF * UMT5_D_MODEL, self._te_linear_params())
         return TEXT_ENCODE_WORK_BYTES + largest * DTYPE_BYTES[dtype or self.dtype]
@@ -197,9 +196,13 @@ class Workload:
     def _te_linear_params(self) -> int:
         return self.spec.memory.text_encoder_params - self._te_shared_params()
 
-    def _te_bytes_per_linear_param(self) -> float:
-        kept = TEXT_ENCODER_BYTES_PER_LINEAR_PARAM.get(self.text_encoder_storage or "")
-        return kept if kept is not None else float(DTYPE_BYTES[self.dtype])
+    def _te_kept_bytes(self) -> float | None:
+        """Bytes per Linear parameter of a text encoder that stays as stored (fp8), None when cast at load."""
+        return TEXT_ENCODER_BYTES_PER_LINEAR_PARAM.get(self.text_encoder_storage or "")
+
+    def _te_bytes_per_linear_param(self, dtype: str | None = None) -> float:
+        kept = self._te_kept_bytes()
+        return kept if kept is not None else float(DTYPE_BYTES[dtype or self.dtype])
 
     # ---- the estimate ---------------------------------------------------------------------
     def estimate(self, mode: str = "none", vae_tiling: bool = False, text_encoder_on_cpu: bool = False,
