@@ -87,7 +87,8 @@ class Engine:
     def _view(self, info) -> ModelView:
         spec = self.spec(info.type) if info.ok and info.type else None
         return ModelView(id=info.id, type=info.type, ok=info.ok, reason=info.reason, demo=info.demo,
-                         label=info.label, spec=spec, source=info.source, storage_label=info.storage_label)
+                         label=info.label, spec=spec, source=info.source, storage_label=info.storage_label,
+                         storage=info.storage, files={c: Path(f).name for c, f in info.files.items()})
 
     def ensure_demo_model(self) -> list:
         """Build the demo models (and their demo LoRAs) into the data folder when models/ holds no
@@ -146,7 +147,7 @@ class Engine:
         path = self.library.path_of(file)
         if not path.is_file():
             raise RequestError(f"LoRA {file} is not in {self.settings.loras_dir}; press rescan or pick another")
-        return self.library.inspect(path, self.find_model(model).path if model else None)
+        return self.library.inspect(path, self.find_model(model) if model else None)
 
     def cap_problem(self, model_type: str, stack: Stack) -> str | None:
         from engine.lora.planning import cap_problem
@@ -155,7 +156,8 @@ class Engine:
 
     def merge_stack(self, model: str, stack: Stack, name: str, *, dtype: str | None = None,
                     on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-        """Bake `stack` into a new model folder `models_dir/name` (streamed; engine/lora/bake.py).
+        """Bake `stack` into a new model `models_dir/name`: a folder for a diffusers model, a recipe
+        `name.json` with its expert files beside it for a single-file model (streamed; engine/lora/bake.py).
 
         Returns the merge summary with the per-entry LoRA report; `on_progress(done, total, tensor)`.
         """
@@ -168,11 +170,14 @@ class Engine:
             raise RequestError(f"new model name {str(name)[:100]!r} must be a plain folder name of at most 100 "
                                "characters (letters, digits, '-', '_'), e.g. my-model-merged")
         taken = {m.id for m in self.model_infos(refresh=True)}
-        if clean in taken or (self.settings.models_dir / clean).exists():
+        folder = self.settings.models_dir / clean
+        if clean in taken or folder.exists() or folder.with_name(f"{clean}.json").exists():
             raise RequestError(f"new model name {clean!r} already exists (it is already a model here); pick another "
                                "name so it does not shadow the existing one")
         self._check_files(self.spec(info.type), stack)
-        report = merge_model(info.path, stack, self.settings.models_dir / clean, dtype=dtype,
+        # a diffusers folder becomes a new folder; single files (recipe, --comfyui) a new recipe beside its files
+        out = folder if info.source == "diffusers" else folder.with_name(f"{clean}.json")
+        report = merge_model(info, stack, out, dtype=dtype,
                              lora_caps=self.settings.lora_caps, resolve=self.library.path_of, progress=on_progress)
         self.model_infos(refresh=True)  # the new model is listed from now on
         return report

@@ -44,6 +44,8 @@ class ModelView:
     spec: ModelSpec | None = None
     source: str = "diffusers"  # diffusers | recipe | comfyui
     storage_label: str = ""  # "fp8 scaled · 2 experts", "GGUF Q4_K · 2 experts", "bf16" (issue 10)
+    storage: str = ""  # the experts' storage: fp32, bf16, fp16, fp8_e4m3fn, fp8_scaled, gguf-Q4_K, ...
+    files: dict = field(default_factory=dict)  # component -> the file (or folder) name it is loaded from
 
     @property
     def display(self) -> str:

@@ -53,8 +53,10 @@ def build_api(ctx: UIContext, jobs=None) -> None:
     trigger.click(generate, inputs, outputs, api_name="generate", concurrency_limit=1, concurrency_id="gpu")
 
     def models() -> list[dict]:
-        """Detected models: id, type, ok, reason, demo."""
-        return [{"id": m.id, "type": m.type, "ok": m.ok, "reason": m.reason, "demo": m.demo} for m in ctx.models()]
+        """Detected models: id, type, ok, reason, demo, and where they come from: source (diffusers, recipe,
+        comfyui), storage (fp8_scaled, gguf-Q4_K, ...), storage_label and files (component -> file name)."""
+        return [{"id": m.id, "type": m.type, "ok": m.ok, "reason": m.reason, "demo": m.demo, "source": m.source,
+                 "storage": m.storage, "storage_label": m.storage_label, "files": dict(m.files)} for m in ctx.models()]
 
     def loras(model: str) -> list[dict]:
         """LoRA files in the server's folder with compatibility for the given model id."""

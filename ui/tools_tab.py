@@ -61,10 +61,12 @@ def build_tools_tab(ctx: UIContext, tab, model, rows_state, default_model: str |
                         "right experts of a copy of the model in the models folder, for sharing or quantising. "
                         "Unchanged parts are linked, not rewritten.")
             what = gr.Markdown(merge_plan_markdown(ctx, default_model, []), elem_id="merge-what")
-            name = gr.Textbox(label="New model folder name", placeholder="e.g. my-model-anime", elem_id="merge-name",
-                              info="a plain folder name; it appears in the model list when done")
+            name = gr.Textbox(label="New model name", placeholder="e.g. my-model-anime", elem_id="merge-name",
+                              info="a plain name; a diffusers model becomes a folder, a single-file model (recipe, "
+                                   "ComfyUI) a recipe NAME.json with its expert files; listed when done")
             dtype = gr.Dropdown(DTYPES, value="", label="Weights dtype", elem_id="merge-dtype",
-                                info="cast the merged experts, or keep what the model stores")
+                                info="diffusers models: cast the merged experts, or keep what they store; single "
+                                     "files always keep their storage (fp8 stays fp8)")
             merge_btn = gr.Button("Merge stack into new model", variant="primary", elem_id="merge-run")
             merge_status = gr.Markdown("", elem_id="merge-status")
             merge_json = gr.JSON(label="merge report", open=False, elem_id="merge-report")

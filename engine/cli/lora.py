@@ -18,16 +18,22 @@ def register(sub) -> None:
 
     p = lora_sub.add_parser("inspect", help="format, rank, alpha, family, experts; coverage against --model")
     p.add_argument("file", type=Path, help="LoRA file (.safetensors)")
-    p.add_argument("--model", type=Path, help="model folder to report coverage and compatibility against")
+    p.add_argument("--model", help="report coverage and compatibility against this model: a listed model id, "
+                                   "a diffusers model folder or a recipe .json")
+    add_model_source_arguments(p)
     p.add_argument("--allow-pickle", action="store_true", help="also read .pt/.ckpt/.bin with torch.load(weights_only=True)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
     p = lora_sub.add_parser("merge", help="write a copy of a model with a LoRA stack baked into its experts")
-    p.add_argument("--model", required=True, type=Path, help="source model folder (never written)")
+    p.add_argument("--model", required=True, help="source model (never written): a listed model id, a diffusers "
+                                                  "model folder or a recipe .json")
+    add_model_source_arguments(p)
     p.add_argument("--lora", required=True, action="append", metavar="SPEC",
                    help="PATH[=WEIGHT[,APPLIES_TO]]; repeatable, applied in order")
-    p.add_argument("--out", required=True, type=Path, help="new folder to write (must not exist)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="new model folder to write (must not exist); for a recipe or --comfyui model, a new recipe "
+                        ".json (its merged expert files are written beside it)")
     p.add_argument("--dtype", choices=CAST_CHOICES,
                    help="cast the experts' weights (merged on the cast weights); default: keep the stored dtype")
     p.add_argument("--skip-failing", action="store_true", help="leave out a LoRA that fails to load, and report it")
@@ -40,11 +46,18 @@ def register(sub) -> None:
             importlib.import_module(name).register(lora_sub)
 
 
+def add_model_source_arguments(p) -> None:
+    p.add_argument("--models-dir", default="models", help="where model ids and recipes are looked up")
+    p.add_argument("--comfyui", metavar="DIR", help="an existing ComfyUI models/ folder (its models are listed too)")
+
+
 def cmd_inspect(args):
+    from engine.cli.core import resolve_model
     from engine.lora.library import LoraLibrary
 
     file = args.file.expanduser().resolve()
-    info = LoraLibrary(file.parent, allow_pickle=args.allow_pickle).inspect(file, args.model)
+    model = resolve_model(args.model, args.models_dir, args.comfyui) if args.model else None
+    info = LoraLibrary(file.parent, allow_pickle=args.allow_pickle).inspect(file, model)
     if args.json:
         return info
     return _inspect_table(info)
@@ -72,14 +85,15 @@ def _inspect_table(info: dict) -> str:
 
 
 def cmd_merge(args):
-    from engine.cli.core import parse_lora_spec
+    from engine.cli.core import parse_lora_spec, resolve_model
     from engine.cli.lora_tools import TerminalProgress
     from engine.lora.bake import merge_model
 
     stack = Stack(tuple(parse_lora_spec(s) for s in args.lora))
+    model = resolve_model(args.model, args.models_dir, args.comfyui)
     progress = TerminalProgress("merge")
     try:
-        report = merge_model(args.model, stack, args.out, dtype=args.dtype, skip_failing=args.skip_failing,
+        report = merge_model(model, stack, args.out, dtype=args.dtype, skip_failing=args.skip_failing,
                              allow_pickle=args.allow_pickle, progress=progress)
     finally:
         progress.close()

@@ -5,6 +5,7 @@ engine/lora/rewrite.py streams each shard of the touched experts tensor by tenso
 engine's own merge math (merge.merged_tensor, the code in-place application runs), so peak RAM is
 about one tensor plus the stack's patches. Unchanged components are hard-linked, the copy is
 written to a temporary sibling folder and renamed into place, and the source is never written.
+A recipe or `--comfyui` model (single files) is baked into a new recipe by engine/lora/bake_files.py.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def merge_model(
-    model_dir: str | Path,
+    model_dir,
     stack: Stack,
     out_dir: str | Path,
     *,
@@ -34,6 +35,9 @@ def merge_model(
     """Write `out_dir`: `model_dir` with `stack` merged into its experts; returns the summary and the
     LoRA engine's per-entry report (status, weights and coverage per expert, warnings).
 
+    `model_dir` is a diffusers model folder or a listed ModelInfo. A recipe or `--comfyui` model (single
+    files) is baked into a new recipe instead: `out_dir` then names its .json (engine/lora/bake_files.py).
+
     `dtype` (bf16|fp16|fp32) casts every expert's floating weights, except the modules diffusers keeps in
     fp32 when loading in a lower precision (norms, modulation tables, time embedder); the merge runs on the
     cast weights, as in-place application on a model loaded with that torch_dtype does. None keeps the
@@ -45,14 +49,6 @@ def merge_model(
     from engine.lora.merge import merged_tensor, model_param_shapes
     from engine.lora.planning import plan_stack
 
-    src, out = Path(model_dir), Path(out_dir)
-    rewrite.check_output(src, out)
-    info = detect(src)
-    if not info.ok or not info.type:
-        raise RequestError(f"--model {model_dir}: {info.reason}")
-    spec = with_lora_cap(get_spec(info.type), lora_caps or {})
-    torch_dtype = shards.torch_dtype
-    target_dtype = torch_dtype(dtype) if dtype else None
     if not stack.entries:
         raise RequestError("no --lora given; pass at least one PATH[=WEIGHT[,APPLIES_TO]]")
     if resolve is None:
@@ -60,6 +56,27 @@ def merge_model(
             return Path(file).expanduser().resolve()
 
     library = LoraLibrary(Path.cwd(), allow_pickle=allow_pickle)
+    if getattr(model_dir, "source", "diffusers") != "diffusers":
+        from engine.lora.bake_files import bake_recipe
+
+        info = model_dir
+        if not info.ok or not info.type:
+            raise RequestError(f"--model {info.id}: {info.reason}")
+        if dtype:
+            raise RequestError(f"--dtype: model {info.id} is made of single files, and a baked single file keeps its "
+                               f"storage ({info.storage}); leave --dtype out")
+        spec = with_lora_cap(get_spec(info.type), lora_caps or {})
+        return bake_recipe(info, spec, stack, out_dir, library=library, resolve=resolve, skip_failing=skip_failing,
+                           progress=progress)
+    src = Path(getattr(model_dir, "path", model_dir))
+    out = Path(out_dir)
+    rewrite.check_output(src, out)
+    info = detect(src)
+    if not info.ok or not info.type:
+        raise RequestError(f"--model {src}: {info.reason}")
+    spec = with_lora_cap(get_spec(info.type), lora_caps or {})
+    torch_dtype = shards.torch_dtype
+    target_dtype = torch_dtype(dtype) if dtype else None
     shapes = {e: model_param_shapes(src / EXPERT_COMPONENT[e]) for e in spec.experts}
     plan = plan_stack(library, spec, stack, shapes, skip_failing=skip_failing, resolve=resolve, allow_schedules=False)
     desired, results = plan.desired, plan.rows

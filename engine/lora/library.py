@@ -6,7 +6,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.catalog import EXPERT_COMPONENT, ModelSpec
+from engine.catalog import ModelSpec
 from engine.lora.errors import LoraFormatError, LoraIncompatibleError
 from engine.lora.files import PICKLE_SUFFIXES, check_regular, file_sha256, read_lora_file, read_lora_shapes
 from engine.lora.formats import LOW, MAIN, ParsedLora, parse_lora
@@ -113,25 +113,25 @@ class LoraLibrary:
 
     # -- inspection ------------------------------------------------------------------------------
 
-    def inspect(self, path: str | Path, model_dir: str | Path | None = None) -> dict[str, Any]:
-        """Format, rank, alpha, family, experts; with `model_dir` also coverage per expert and compatibility."""
+    def inspect(self, path: str | Path, model=None) -> dict[str, Any]:
+        """Format, rank, alpha, family, experts; with `model` (a listed ModelInfo of any source: diffusers
+        folder, recipe, --comfyui) also coverage per expert and compatibility, from the model's headers."""
         p = Path(path)
         if not p.is_absolute() and not p.exists():
             p = self.path_of(str(path))
         parsed = self.load(p)
         info = describe(parsed, p.name)
-        if model_dir is None:
+        if model is None:
             return info
         from engine.catalog import get_spec
-        from engine.detect import detect
-        from engine.lora.merge import model_param_shapes
+        from engine.models.experts import expert_shapes
 
-        mi = detect(model_dir)
-        if not mi.ok or not mi.type:
-            raise RequestError(f"--model {model_dir}: {mi.reason}")
-        spec = get_spec(mi.type)
-        shapes = {e: model_param_shapes(Path(model_dir) / EXPERT_COMPONENT[e]) for e in spec.experts}
-        info["model"] = {"path": str(model_dir), "type": spec.type, "label": spec.label, "experts": list(spec.experts),
+        spec = get_spec(model.type) if model.ok and model.type else None
+        if spec is None:
+            raise RequestError(f"model {model.id}: {model.reason or 'not a usable Wan model'}")
+        shapes = expert_shapes(model)
+        info["model"] = {"id": model.id, "path": str(model.path), "type": spec.type, "label": spec.label,
+                         "source": model.source, "storage": model.storage, "experts": list(spec.experts),
                          "width": width_of_shapes(next(iter(shapes.values())))}
         info.update(self._compat(parsed, spec, shapes, p.name))
         return info

@@ -212,10 +212,12 @@ class MergeStats:
 
 
 def _offload_mirrors(module) -> dict[int, Any]:
-    """CPU tensors that diffusers group offloading restores parameters from (stream mode), by id(param).
+    """CPU tensors that diffusers group offloading restores parameters and buffers from (stream mode), by id.
 
-    With CUDA streams the hook keeps pinned CPU copies and assigns them back to `param.data` on
-    offload; a merged weight must be written there too or the next offload would undo it.
+    With CUDA streams the hook keeps pinned CPU copies of every parameter and buffer, assigns them back to
+    `param.data` on offload and onloads buffers from them (a group's buffers stay on the GPU between
+    onloads). A merged weight, and an fp8 weight's changed `weight_scale`, must be written there too or
+    the next offload or onload would silently undo it.
     """
     mirrors: dict[int, Any] = {}
     for sub in module.modules():
@@ -298,9 +300,14 @@ class ModuleMerger:
                     self.current[name] = sig
                     stats.written += 1
                 stats.names.append(name)
-                mirror = mirrors.get(id(param))
-                if mirror is not None and mirror.data_ptr() != param.data.data_ptr():
-                    mirror.copy_(param.data)
+                tensors = [param]
+                if _is_fp8(param.dtype):  # its scale buffer too: a merge may have changed it
+                    scale = self._owner(name)._buffers.get("weight_scale")
+                    tensors += [scale] if scale is not None else []
+                for t in tensors:
+                    mirror = mirrors.get(id(t))
+                    if mirror is not None and mirror.data_ptr() != t.data.data_ptr():
+                        mirror.copy_(t.data)
         self._scratch = None
         for src in self.sources:
             src.release()
@@ -377,19 +384,11 @@ class ModuleMerger:
         return write_merged(data, contribs, w0_rows, name=name, scratch=self._scratch)
 
     def _write_fp8(self, name: str, param, contribs: list[Contribution], w0_rows) -> int:
-        """fp8 weights (engine/models/fp8.py store W / scale): the merge is computed in fp32 from the stored W0
-        and its scale, then rounded once back to fp8. The scale stays the file's unless the merged weights
-        outgrow fp8's range under it; then it becomes max|W| / 448. Both depend only on W0 and the stack."""
-        from engine.models.fp8 import FP8_MAX, set_scale
+        from engine.models.fp8 import set_scale
 
         owner = self._owner(name)
         s0 = self.fp8_scale0.setdefault(name, float(getattr(owner, "weight_scale", 1.0)))
-        peak: list[float] = []
-        flops = write_merged(param.data, contribs, w0_rows, name=name, scratch=self._scratch, w0_scale=s0,
-                             measure=peak)
-        s_new = s0 if peak[0] <= FP8_MAX * s0 else peak[0] / FP8_MAX
-        flops += write_merged(param.data, contribs, w0_rows, name=name, scratch=self._scratch, w0_scale=s0 / s_new,
-                              delta_scale=1.0 / s_new, clamp=FP8_MAX)
+        s_new, flops = write_merged_fp8(param.data, contribs, w0_rows, s0, name=name, scratch=self._scratch)
         set_scale(owner, s_new)
         return flops
 
@@ -407,6 +406,22 @@ def merged_tensor(w0, contribs: list[Contribution]):
     """
     write_merged(w0, contribs, None, name="tensor")
     return w0
+
+
+def write_merged_fp8(data, contribs: list[Contribution], w0_rows, s0: float, *, name: str = "",
+                     scratch: Scratch | None = None) -> tuple[float, int]:
+    """Merge into fp8 weights stored as W / scale (engine/models/fp8.py): computed in fp32 from W0 and its
+    scale `s0`, then rounded once back to fp8 in `data`. The scale stays `s0` unless the merged weights outgrow
+    fp8's range under it; then it becomes max|W| / 448. Both depend only on W0 and the stack, so the in-place
+    merge and `lora merge` into a file agree byte for byte. Returns (new scale, GEMM flops)."""
+    from engine.models.fp8 import FP8_MAX
+
+    peak: list[float] = []
+    flops = write_merged(data, contribs, w0_rows, name=name, scratch=scratch, w0_scale=s0, measure=peak)
+    s_new = s0 if peak[0] <= FP8_MAX * s0 else peak[0] / FP8_MAX
+    flops += write_merged(data, contribs, w0_rows, name=name, scratch=scratch, w0_scale=s0 / s_new,
+                          delta_scale=1.0 / s_new, clamp=FP8_MAX)
+    return s_new, flops
 
 
 def _is_fp8(dtype) -> bool:
@@ -434,7 +449,8 @@ def write_merged(data, contribs: list[Contribution], w0_rows=None, *, name: str 
         raise WanStackError(f"parameter {name} is not contiguous; cannot merge a LoRA into it in place")
     out_dim, in_dim = flat.shape
     if any(not c.patch.additive for c in contribs):
-        return _write_in_stack_order(flat, contribs, w0_rows)
+        return _write_in_stack_order(flat, contribs, w0_rows, w0_scale=w0_scale, delta_scale=delta_scale,
+                                     clamp=clamp, measure=measure)
     lowrank = [c for c in contribs if c.patch.kind == "lowrank"]
     diffs = [(c.weight, _full_delta(c.patch, device).reshape(out_dim, in_dim))
              for c in contribs if c.patch.kind != "lowrank"]
@@ -481,18 +497,23 @@ def _full_delta(patch, device):
     return patch.diff if patch.kind == "diff" else patch.delta(torch.float32, device)
 
 
-def _write_in_stack_order(flat, contribs: list[Contribution], w0_rows) -> int:
+def _write_in_stack_order(flat, contribs: list[Contribution], w0_rows, *, w0_scale: float = 1.0,
+                          delta_scale: float = 1.0, clamp: float | None = None, measure: list | None = None) -> int:
     """A weight that carries a DoRA entry: the whole tensor in fp32, each entry applied in stack order.
 
     DoRA is not additive (it renormalises the weight it is applied to), so the result is built
     from W0 entry by entry: additive entries add w * ΔW, a DoRA entry replaces the accumulator with
     dora_apply(accumulator). Removal still writes W0 back from its source, bit for bit.
+    Stored-scaled (fp8) weights are merged in real units, W0 * w0_scale / delta_scale, and stored times
+    delta_scale (write_merged's convention), clamped to `clamp`; `measure` gets max |W| instead of a write.
     """
     import torch
 
     out_dim, in_dim = flat.shape
     src = flat if w0_rows is None else w0_rows(slice(0, out_dim)).reshape(out_dim, in_dim)
     acc = src.to(device=flat.device, dtype=torch.float32, copy=True)
+    if w0_scale != delta_scale:
+        acc.mul_(w0_scale / delta_scale)
     flops = 0
     for c in contribs:
         p = c.patch
@@ -505,6 +526,13 @@ def _write_in_stack_order(flat, contribs: list[Contribution], w0_rows) -> int:
             flops += 2 * out_dim * in_dim * r
         else:
             acc.add_(_full_delta(p, acc.device).reshape(out_dim, in_dim).to(torch.float32), alpha=c.weight)
+    if measure is not None:
+        measure.append(float(acc.abs().max()) if acc.numel() else 0.0)
+        return flops
+    if delta_scale != 1.0:
+        acc.mul_(delta_scale)
+    if clamp is not None:
+        acc.clamp_(-clamp, clamp)
     flat.copy_(acc)
     return flops
 

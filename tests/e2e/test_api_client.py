@@ -73,6 +73,9 @@ def test_listing_endpoints(client):
     models = client.predict(api_name="/models")
     assert {m["id"] for m in models} >= {MODEL, "demo-wan2.2-t2v-a14b"}
     assert all(m["demo"] for m in models)
+    a14b = next(m for m in models if m["id"] == "demo-wan2.2-t2v-a14b")
+    assert a14b["source"] == "diffusers" and a14b["storage"] in ("fp32", "bf16")
+    assert a14b["files"]["transformer_2"] == "transformer_2" and a14b["files"]["vae"] == "vae"
     loras = client.predict(model=MODEL, api_name="/loras")
     by_file = {d["file"]: d for d in loras}
     assert by_file["demo/style-peft.safetensors"]["compatible"] is True
