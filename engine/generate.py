@@ -149,10 +149,11 @@ class Generator:
         snapshot = memory.snapshot()  # the memory plan is made against the memory of now, so here, not at the door
         reserve = req.vram_reserve_bytes or self.settings.vram_reserve_bytes
         dtype = None if snapshot.free_vram_bytes() is not None else "fp32"
+        stored = dict(storage=info.storage or None, text_encoder_storage=_text_encoder_storage(info))
         plan = memory.plan_for(spec, r.height, r.width, r.frames, loras=n_loras, snapshot=snapshot,
-                               choice=req.offload, reserve_bytes=reserve, dtype=dtype, storage=info.storage or None)
+                               choice=req.offload, reserve_bytes=reserve, dtype=dtype, **stored)
         if not (req.ignore_memory_plan or getattr(self.settings, "ignore_memory_plan", False)):
-            refuse_unfit(plan, spec, r, n_loras, snapshot, req.offload, reserve, dtype, storage=info.storage or None)
+            refuse_unfit(plan, spec, r, n_loras, snapshot, req.offload, reserve, dtype, **stored)
         image = _load_image(req.image, r) if req.image else None
         if n_loras:
             memory.require_stack_transient(plan.workload, plan, snapshot)
@@ -395,6 +396,15 @@ def _plan_device(plan):
     import torch
 
     return torch.device("cuda" if plan.device == "cuda" else "cpu")
+
+
+def _text_encoder_storage(info: ModelInfo) -> str | None:
+    """The text encoder file's storage for the memory estimate (an fp8 file stays fp8 in memory); None for a
+    transformers folder, which is cast to the compute dtype at load."""
+    from engine.models.identify import file_storage
+
+    path = (info.files or {}).get("text_encoder")
+    return (file_storage(path) or None) if path else None
 
 
 def _dtype_kw(dtype) -> dict:

@@ -126,7 +126,7 @@ IGNORE_PLAN_HINT = ("or, to try anyway, pass --ignore-memory-plan (app and `engi
 
 
 def refuse_unfit(plan, spec: ModelSpec, r: Resolved, n_loras: int, snapshot, choice: str, reserve_bytes: int,
-                 dtype: str | None, storage: str | None = None) -> None:
+                 dtype: str | None, storage: str | None = None, text_encoder_storage: str | None = None) -> None:
     """Raise NotEnoughMemory, before any work, for a run the memory plan says cannot fit; the message gives
     the plan's reason and the largest frame count that would fit at this size (or says to lower the size)."""
     if plan.fits:
@@ -136,7 +136,8 @@ def refuse_unfit(plan, spec: ModelSpec, r: Resolved, n_loras: int, snapshot, cho
 
     def fits(frames: int, height: int, width: int) -> bool:
         return plan_for(spec, height, width, frames, loras=n_loras, snapshot=snapshot, choice=choice,
-                        reserve_bytes=reserve_bytes, dtype=dtype, storage=storage).fits
+                        reserve_bytes=reserve_bytes, dtype=dtype, storage=storage,
+                        text_encoder_storage=text_encoder_storage).fits
 
     lo, hi = 0, (r.frames - 1) // 4  # frames = 4k+1; find the largest k that fits
     if fits(1, r.height, r.width):

@@ -27,6 +27,8 @@ def register(sub) -> None:
 
     add_speed_arguments(p)
     p.add_argument("--storage", help="transformer storage kept in memory: fp8_scaled, fp8_e4m3fn, gguf-Q8_0, gguf-Q4_K, ...")
+    p.add_argument("--text-encoder-storage", help="the umt5 text encoder file's storage: fp8_scaled or fp8_e4m3fn "
+                                                  "keep its Linear weights fp8; default: the compute dtype")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
@@ -75,7 +77,11 @@ def cmd_plan(args):
 
     if args.storage and args.storage not in STORAGE_BYTES_PER_PARAM and args.storage not in ("fp32", "bf16", "fp16"):
         raise RequestError(f"--storage {args.storage!r} is not one of fp32, bf16, fp16, {', '.join(STORAGE_BYTES_PER_PARAM)}")
-    work = Workload(spec, height, width, frames, loras=args.loras, dtype=args.dtype, storage=args.storage)
+    te = args.text_encoder_storage
+    if te and te not in ("fp8_scaled", "fp8_e4m3fn", "fp32", "bf16", "fp16"):
+        raise RequestError(f"--text-encoder-storage {te!r} is not one of fp8_scaled, fp8_e4m3fn, fp32, bf16, fp16")
+    work = Workload(spec, height, width, frames, loras=args.loras, dtype=args.dtype, storage=args.storage,
+                    text_encoder_storage=te)
     plan = choose_offload(snap, work, args.offload, reserve)
     result = plan.to_dict()
     result.update(model_type=spec.type, height=height, width=width, frames=frames, loras=args.loras)

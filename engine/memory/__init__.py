@@ -33,9 +33,11 @@ def snapshot(nvml: Any = None, psutil_module: Any = None) -> MemorySnapshot:
 def plan_for(spec: ModelSpec, height: int, width: int, frames: int, loras: int = 0,
              snapshot: MemorySnapshot | None = None, choice: str = "auto",
              reserve_bytes: int = DEFAULT_RESERVE_BYTES, dtype: str | None = None,
-             storage: str | None = None) -> OffloadPlan:
+             storage: str | None = None, text_encoder_storage: str | None = None) -> OffloadPlan:
     """The offload plan for one run. `snapshot=None` captures one now. `dtype` defaults to bf16 on a GPU;
-    `storage` is the transformer's (fp8_scaled, gguf-Q4_K, ...) when it stays quantized in memory."""
+    `storage` is the transformer's (fp8_scaled, gguf-Q4_K, ...) when it stays quantized in memory, and
+    `text_encoder_storage` the text encoder file's (an fp8 one keeps its Linear weights fp8)."""
     snap = snapshot if snapshot is not None else MemorySnapshot.capture()
-    work = Workload(spec, height, width, frames, loras=loras, dtype=dtype or "bf16", storage=storage)
+    work = Workload(spec, height, width, frames, loras=loras, dtype=dtype or "bf16", storage=storage,
+                    text_encoder_storage=text_encoder_storage)
     return choose_offload(snap, work, choice, reserve_bytes)

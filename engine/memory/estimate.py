@@ -28,6 +28,9 @@ Where each constant comes from:
 - VAE tiling: diffusers' AutoencoderKLWan tiles at 256x256 pixels (tile_sample_min_height/width);
   the decoded tiles plus the blended result and the final concatenation keep about 4 copies of the
   fp32 output video; untiled decoding keeps 2 (the growing torch.cat).
+- fp8 text encoder (engine/models/load.py): its Linear weights stay fp8 (1 byte per parameter), the token
+  embedding (vocab x d_model) is read in the compute dtype, and one Linear weight at a time is upcast for its
+  call (the largest, an FFN weight, d_ff x d_model, in the text-encode phase).
 - LoRA merge transient (DESIGN.md: W = W0 + sum w_i s_i B_i A_i in fp32 from W0): the largest touched
   layer (the FFN up-projection, F x W) as fp32 W0 copy, fp32 accumulator and fp32 B@A product, plus
   the result in the weight dtype: 14 bytes per parameter of that layer. Merged LoRAs add nothing per step.
@@ -52,10 +55,16 @@ STORAGE_BYTES_PER_PARAM = {
     "gguf-Q4_K": 144 / 256, "gguf-Q4_1": 20 / 32, "gguf-Q4_0": 18 / 32, "gguf-Q3_K": 110 / 256, "gguf-Q2_K": 84 / 256,
     "gguf-BF16": 2.0, "gguf-F16": 2.0, "gguf-F32": 4.0,
 }
+# Text encoder storages whose Linear weights stay as stored (engine/models/load.py: fp8 upcast per call); its
+# token embedding, norms and position tables are read in the compute dtype. Other files are cast at load.
+TEXT_ENCODER_BYTES_PER_LINEAR_PARAM = {"fp8_e4m3fn": 1.0, "fp8_scaled": 1.0}
 CUDA_CONTEXT_BYTES = 512 * MIB
 ALLOCATOR_SLACK = 1.15
 TEXT_ENCODE_WORK_BYTES = 256 * MIB  # UMT5 over <= 512 tokens: a few MB per layer, rounded up generously
 UMT5_VOCAB, UMT5_D_MODEL, UMT5_D_FF, UMT5_LAYERS = 256_384, 4096, 10_240, 24
+UMT5_EMBED_PARAMS = UMT5_VOCAB * UMT5_D_MODEL
+# q, k, v, o (d_model x d_model: 64 heads x d_kv 64) and the gated FFN's wi_0, wi_1, wo per layer
+UMT5_LINEAR_PARAMS = UMT5_LAYERS * (4 * UMT5_D_MODEL * UMT5_D_MODEL + 3 * UMT5_D_MODEL * UMT5_D_FF)
 VAE21_DECODE_BYTES_PER_PIXEL = 16_000
 VAE22_DECODE_BYTES_PER_PIXEL = 11_000
 VAE_TILE_PIXELS = 256 * 256
@@ -79,6 +88,7 @@ class Workload:
     vae_dtype: str = "fp32"  # the Wan docs (and the generator) load the VAE in fp32
     experts: int | None = None  # defaults to the spec's expert count
     storage: str | None = None  # transformer storage (fp8_scaled, gguf-Q4_K, ...); None: the compute dtype
+    text_encoder_storage: str | None = None  # the text encoder file's (fp8_scaled, bf16, ...); None: compute dtype
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES or self.vae_dtype not in DTYPE_BYTES:
@@ -108,7 +118,7 @@ class Workload:
         m = self.spec.memory
         b = DTYPE_BYTES[dtype or self.dtype]
         vb = DTYPE_BYTES["fp32" if dtype == "fp32" else self.vae_dtype]
-        out = {"text_encoder": m.text_encoder_params * b}
+        out = {"text_encoder": self.text_encoder_bytes(dtype)}
         if m.image_encoder_params:
             out["image_encoder"] = m.image_encoder_params * b
         out["transformer"] = int(m.transformer_params * self.transformer_bytes_per_param(dtype))
@@ -121,6 +131,22 @@ class Workload:
         """Bytes per transformer parameter in memory: the storage's when it stays quantized, else the dtype's."""
         kept = STORAGE_BYTES_PER_PARAM.get(self.storage or "")
         return kept if kept is not None else float(DTYPE_BYTES[dtype or self.dtype])
+
+    def text_encoder_bytes(self, dtype: str | None = None) -> int:
+        """The text encoder in memory: an fp8 file keeps its Linear weights at 1 byte per parameter (the few
+        norm and position-table parameters are counted with them: 0.005% of UMT5-XXL), the embedding and any
+        other file take the compute dtype."""
+        b = DTYPE_BYTES[dtype or self.dtype]
+        if self._te_kept_bytes() is None:
+            return self.spec.memory.text_encoder_params * b
+        return self._te_shared_params() * b + int(self._te_linear_params() * self._te_bytes_per_linear_param(dtype))
+
+    def text_encode_work_bytes(self, dtype: str | None = None) -> int:
+        """Working memory of the text encoding; fp8 Linear weights add one upcast copy of the largest (an FFN)."""
+        if self._te_kept_bytes() is None:
+            return TEXT_ENCODE_WORK_BYTES
+        largest = min(UMT5_D_FF * UMT5_D_MODEL, self._te_linear_params())
+        return TEXT_ENCODE_WORK_BYTES + largest * DTYPE_BYTES[dtype or self.dtype]
 
     def upcast_bytes(self, dtype: str | None = None) -> int:
         """fp8/GGUF layers are turned into the compute dtype one at a time: the largest layer's copy."""
@@ -161,8 +187,22 @@ class Workload:
         return max(0, m.transformer_params - self._transformer_nonblock_params()) // max(1, m.layers)
 
     def _te_shared_params(self) -> int:
-        # demo models are far smaller than UMT5-XXL: never let the embedding exceed the whole encoder
-        return min(UMT5_VOCAB * UMT5_D_MODEL, self.spec.memory.text_encoder_params)
+        p = self.spec.memory.text_encoder_params
+        if p >= UMT5_EMBED_PARAMS:
+            return UMT5_EMBED_PARAMS
+        # demo encoders are far smaller than UMT5-XXL: give them its proportions
+        return p * UMT5_EMBED_PARAMS // (UMT5_EMBED_PARAMS + UMT5_LINEAR_PARAMS)
+
+    def _te_linear_params(self) -> int:
+        return self.spec.memory.text_encoder_params - self._te_shared_params()
+
+    def _te_kept_bytes(self) -> float | None:
+        """Bytes per Linear parameter of a text encoder that stays as stored (fp8), None when cast at load."""
+        return TEXT_ENCODER_BYTES_PER_LINEAR_PARAM.get(self.text_encoder_storage or "")
+
+    def _te_bytes_per_linear_param(self, dtype: str | None = None) -> float:
+        kept = self._te_kept_bytes()
+        return kept if kept is not None else float(DTYPE_BYTES[dtype or self.dtype])
 
     # ---- the estimate ---------------------------------------------------------------------
     def estimate(self, mode: str = "none", vae_tiling: bool = False, text_encoder_on_cpu: bool = False,
@@ -179,6 +219,7 @@ class Workload:
         merge = self.lora_merge_bytes()
         ctx = CUDA_CONTEXT_BYTES
         te = 0 if text_encoder_on_cpu else w["text_encoder"]
+        te_work = self.text_encode_work_bytes() if te else 0
         ie = w.get("image_encoder", 0)
         expert = w["transformer"]
         vae = w["vae"]
@@ -187,14 +228,14 @@ class Workload:
 
         if mode == "none":
             resident = te + ie + expert * self.n_experts + vae
-            phases = {"text_encode": resident + (TEXT_ENCODE_WORK_BYTES if te else 0), "denoise": resident + act,
+            phases = {"text_encode": resident + te_work, "denoise": resident + act,
                       "vae_decode": resident + dec}
             if merge:
                 phases["lora_merge"] = resident + merge
         elif mode == "model":
             # accelerate's hook chain keeps one model on the GPU; the VAE, last in the chain, stays
             # resident after an I2V run encodes the start image (nothing offloads it until the end).
-            phases = {"text_encode": te + (TEXT_ENCODE_WORK_BYTES if te else 0),
+            phases = {"text_encode": te + te_work,
                       "denoise": expert + act + (vae if i2v else 0), "vae_decode": vae + dec}
             if ie:
                 phases["image_encode"] = ie + TEXT_ENCODE_WORK_BYTES
@@ -202,16 +243,17 @@ class Workload:
             if mode == "group":
                 t_res = self._transformer_nonblock_params() * b + int(prefetch * self._block_params()
                                                                        * self.transformer_bytes_per_param())
-                te_block = max(0, m.text_encoder_params - self._te_shared_params()) // UMT5_LAYERS
-                te_res = self._te_shared_params() * b + prefetch * te_block * b
+                te_block = self._te_linear_params() // UMT5_LAYERS
+                te_res = self._te_shared_params() * b + int(prefetch * te_block * self._te_bytes_per_linear_param())
                 vae_res = vae
             else:  # sequential: leaf level, one layer (and a prefetched one) at a time
                 t_res = int(prefetch * self.largest_layer_params() * self.transformer_bytes_per_param())
                 # the shared embedding is the largest leaf; the prefetched next leaf is a gated-FFN linear
-                te_res = (self._te_shared_params() + (prefetch - 1) * UMT5_D_FF * UMT5_D_MODEL) * b
+                te_res = self._te_shared_params() * b + int((prefetch - 1) * UMT5_D_FF * UMT5_D_MODEL
+                                                             * self._te_bytes_per_linear_param())
                 vae_res = vae // 4
             te_res = min(te_res, te)
-            phases = {"text_encode": te_res + (TEXT_ENCODE_WORK_BYTES if te else 0), "denoise": t_res + act,
+            phases = {"text_encode": te_res + te_work, "denoise": t_res + act,
                       "vae_decode": vae_res + dec}
             if ie:
                 phases["image_encode"] = ie + TEXT_ENCODE_WORK_BYTES
@@ -228,7 +270,7 @@ class Workload:
         dec = self.decode_bytes(vae_tiling) * (4 // DTYPE_BYTES[self.vae_dtype])
         merge = LORA_MERGE_BYTES_PER_PARAM * self.largest_layer_params() if self.loras else 0
         resident = PROCESS_BASE_RAM_BYTES + sum(w.values())
-        phases = {"text_encode": resident + TEXT_ENCODE_WORK_BYTES, "denoise": resident + act,
+        phases = {"text_encode": resident + self.text_encode_work_bytes("fp32"), "denoise": resident + act,
                   "vae_decode": resident + dec}
         if merge:
             phases["lora_merge"] = resident + merge
@@ -272,8 +314,8 @@ class Estimate:
 def estimate(spec: ModelSpec, height: int, width: int, frames: int, *, loras: int = 0, dtype: str = "bf16",
              vae_dtype: str = "fp32", experts: int | None = None, mode: str = "none", vae_tiling: bool = False,
              text_encoder_on_cpu: bool = False, device: str = "cuda", use_stream: bool = True,
-             storage: str | None = None) -> Estimate:
+             storage: str | None = None, text_encoder_storage: str | None = None) -> Estimate:
     """Peak bytes for one run under one offload mode (pure: no I/O, no torch)."""
     work = Workload(spec, height, width, frames, loras=loras, dtype=dtype, vae_dtype=vae_dtype, experts=experts,
-                    storage=storage)
+                    storage=storage, text_encoder_storage=text_encoder_storage)
     return work.estimate(mode, vae_tiling, text_encoder_on_cpu, device, use_stream)

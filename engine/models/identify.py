@@ -57,6 +57,21 @@ def storage_of(header: FileHeader, params: list[str]) -> str:
     return storage
 
 
+def file_storage(path: str | Path) -> str:
+    """Storage of a single-file component (fp8_scaled, bf16, gguf-Q4_K, ...) from its header alone; "" for a
+    folder or a file that cannot be read (its loader will say why)."""
+    from engine.types import RequestError
+
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    try:
+        header = read_header(path)
+    except (RequestError, OSError):
+        return ""
+    return storage_of(header, [n for n in header.tensors if not is_aux(n)])
+
+
 def _blocks(names: list[str], pattern: str) -> int:
     found = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
     return max(found) + 1 if found else 0

@@ -4,6 +4,7 @@ so nothing touches the network.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -196,10 +197,16 @@ def _load_safetensors_transformer(p: Path, spec: ModelSpec, dtype, header):
 
 
 def _fill(model, source, path: Path, dtype, keep_fp32: tuple[str, ...] = (), *, fp8_ok: bool = False, make_fp8=None) -> None:
-    """Assign every parameter of a meta-initialised `model` from `source` (missing names raise)."""
+    """Assign every parameter of a meta-initialised `model` from `source` (missing names raise). A parameter
+    tied to others (one Parameter under several modules) is read once and stays tied."""
     import torch
 
     modules = dict(model.named_modules())
+    owners: dict[int, list] = {}
+    for sub in model.modules():
+        for key, p in sub._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((sub, key))
     missing = [n for n, _ in model.named_parameters() if n not in source.index]
     if missing:
         raise RequestError(f"{path.name} lacks {len(missing)} tensor(s) of this model, e.g. {missing[0]}; "
@@ -219,7 +226,9 @@ def _fill(model, source, path: Path, dtype, keep_fp32: tuple[str, ...] = (), *, 
         else:
             target = torch.float32 if any(k in name.split(".") for k in keep_fp32) else dtype
             t = source.read(name, target)
-        module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+        new = torch.nn.Parameter(t, requires_grad=False)
+        for owner, key in owners.get(id(param), [(module, leaf)]):
+            owner._parameters[key] = new
         if keep:
             make_fp8(module, source.scales.get(name, 1.0))
 
@@ -243,15 +252,15 @@ def _load_gguf(p: Path, spec: ModelSpec, dtype, header):
 
 def load_text_encoder(path: str, dtype):
     """umt5-xxl from a transformers folder or a single file (ComfyUI T5 layout or original Wan layout, any
-    storage; fp8 is dequantized once at load: the encoder runs once per prompt)."""
-    from transformers import UMT5Config, UMT5EncoderModel
+    storage). An fp8 file's Linear weights stay fp8 and are upcast per call (about half of bf16); the token
+    embedding, norms and relative position tables are read in `dtype`."""
+    from transformers import UMT5EncoderModel
 
     p = Path(path)
     if p.is_dir():
         return UMT5EncoderModel.from_pretrained(p, dtype=dtype).eval()
-    from accelerate import init_empty_weights
-
     from engine.lora.merge import WeightSource
+    from engine.models.fp8 import make_fp8
     from engine.models.headers import embedded_config, read_header
     from engine.models.keys import t5_name_map
 
@@ -266,11 +275,73 @@ def load_text_encoder(path: str, dtype):
     if list(shared.shape) != [cfg["vocab_size"], cfg["d_model"]]:
         raise RequestError(f"{p.name}: token embedding {list(shared.shape)} is not umt5-xxl's "
                            f"[{cfg['vocab_size']}, {cfg['d_model']}]")
-    config = UMT5Config(**{k: v for k, v in cfg.items() if not k.startswith("_")})
-    with init_empty_weights():
-        model = UMT5EncoderModel(config)
-    _fill(model, WeightSource(p, names), p, dtype)
+    model = empty_text_encoder(cfg)
+    keep_fp32 = _transformers_keep_fp32(model, dtype)
+    _fill(model, WeightSource(p, names), p, dtype, keep_fp32, fp8_ok=True, make_fp8=make_fp8)
+    _upcast_fp8_wo(model, dtype, keep_fp32)
     return model.eval()
+
+
+def empty_text_encoder(cfg: dict):
+    """A umt5 encoder of config `cfg` on the meta device, as a single file fills it: its input embedding is
+    `shared` (one Parameter), as from_pretrained ties them. transformers 5 ties them only when the config says
+    tie_word_embeddings (umt5-xxl's does not); a file holds one embedding, not a second copy (2.1 GB in bf16)."""
+    from accelerate import init_empty_weights
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with init_empty_weights():
+        model = UMT5EncoderModel(UMT5Config(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+    model.encoder.embed_tokens.weight = model.shared.weight
+    return model
+
+
+def _transformers_keep_fp32(model, dtype) -> tuple[str, ...]:
+    """The modules transformers' from_pretrained keeps in fp32 at `dtype` (PreTrainedModel._get_dtype_plan in
+    transformers 5): `_keep_in_fp32_modules` only at fp16 (umt5's `wo`: its activations overflow fp16),
+    `_keep_in_fp32_modules_strict` at fp16 and bf16. Single files follow it so they load like a folder."""
+    import torch
+
+    keep: set[str] = set()
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return tuple(sorted(keep))
+
+
+def _upcast_fp8_wo(model, dtype, keep_fp32: tuple[str, ...]) -> None:
+    """Give each umt5 feed-forward whose `wo` stayed fp8 a forward that does not cast its activations to
+    `wo.weight.dtype` (transformers does, which would turn them into fp8); they go to the dtype `wo` would have
+    been loaded in instead, and the fp8 weight is upcast to that inside `wo`."""
+    import torch
+    from transformers.models.umt5.modeling_umt5 import UMT5DenseActDense, UMT5DenseGatedActDense
+
+    from engine.models.fp8 import fp8_linear_class
+
+    for module in model.modules():
+        if type(module) in (UMT5DenseActDense, UMT5DenseGatedActDense) and isinstance(module.wo, fp8_linear_class()):
+            module.__class__ = _fp8_feed_forward_class(type(module))
+            module.wo_dtype = torch.float32 if "wo" in keep_fp32 else dtype
+
+
+@functools.cache
+def _fp8_feed_forward_class(base):
+    class Fp8FeedForward(base):
+        """transformers' UMT5DenseGatedActDense / UMT5DenseActDense forward (5.x) with the activations cast to
+        `wo_dtype` instead of `wo.weight.dtype`; tests/engine/models/test_te_fp8.py holds it to the original."""
+
+        def forward(self, hidden_states):
+            if hasattr(self, "wi_0"):  # gated (umt5-xxl: gated-gelu)
+                h = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+            else:
+                h = self.act(self.wi(hidden_states))
+            h = self.dropout(h)
+            if h.dtype != self.wo_dtype:
+                h = h.to(self.wo_dtype)
+            return self.wo(h)
+
+    Fp8FeedForward.__name__ = Fp8FeedForward.__qualname__ = f"Fp8{base.__name__}"
+    return Fp8FeedForward
 
 
 def load_tokenizer(path: str, text_encoder=None):

@@ -149,7 +149,9 @@ def _synthetic_blocks(shape: tuple[int, ...], qtype):
 
 
 def write_text_encoder(module, path: Path, storage: str = "fp32", layout: str = "comfy") -> Path:
-    """umt5 in ComfyUI's T5 layout (no encoder.embed_tokens) or the original Wan layout; fp32/bf16/fp16/fp8_scaled."""
+    """umt5 in ComfyUI's T5 layout (no encoder.embed_tokens) or the original Wan layout; fp32/bf16/fp16, or fp8 as
+    ComfyUI's files have it: the 2-D block weights fp8 (fp8_scaled: with a `scale_weight` each and the marker;
+    fp8_e4m3fn: plain), the token embedding and norms fp16."""
     import torch
 
     from engine.models.fp8 import FP8_MAX
@@ -164,6 +166,8 @@ def write_text_encoder(module, path: Path, storage: str = "fp32", layout: str = 
             name = _t5_to_wan(k)
         if storage in cast:
             out[name] = t.to(cast[storage])
+        elif t.ndim == 2 and ".block." in k and storage == "fp8_e4m3fn":
+            out[name] = t.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         elif t.ndim == 2 and ".block." in k:
             scale = (t.abs().max() / FP8_MAX).clamp(min=1e-12)
             out[name] = (t / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

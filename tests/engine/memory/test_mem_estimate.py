@@ -132,3 +132,36 @@ def test_bad_inputs_are_refused():
         work("wan2.1-t2v-1.3b", 480, 832, 81).estimate("turbo")
     with pytest.raises(ValueError, match="height must be positive"):
         work("wan2.1-t2v-1.3b", 0, 832, 81)
+
+
+def test_fp8_text_encoder_is_priced_as_it_stays_in_memory():
+    # engine/models/load.py keeps an fp8 umt5's Linear weights fp8 (1 byte each) and reads its token embedding
+    # (vocab 256384 x d_model 4096) in the compute dtype; bf16/fp16/fp32 files are cast at load.
+    spec = get_spec("wan2.2-t2v-a14b")
+    p, emb = spec.memory.text_encoder_params, 256_384 * 4096
+    base, fp8 = work("wan2.2-t2v-a14b", 480, 832, 81), work("wan2.2-t2v-a14b", 480, 832, 81, text_encoder_storage="fp8_scaled")
+    assert base.weights() == work("wan2.2-t2v-a14b", 480, 832, 81, text_encoder_storage="bf16").weights()
+    assert base.weights()["text_encoder"] == 2 * p
+    assert fp8.weights()["text_encoder"] == 2 * emb + (p - emb) == pytest.approx(6.73 * GB, rel=0.01)
+    assert fp8.weights()["text_encoder"] == work("wan2.2-t2v-a14b", 480, 832, 81,
+                                                 text_encoder_storage="fp8_e4m3fn").weights()["text_encoder"]
+    upcast = 10_240 * 4096 * 2  # one FFN weight upcast to bf16 while it runs
+    for mode in MODES:
+        a, b = base.estimate(mode), fp8.estimate(mode)
+        assert a.ram_bytes - b.ram_bytes == p - emb, mode
+        if mode == "sequential":  # one leaf at a time: its fp8 bytes plus its bf16 upcast outweigh a bf16 leaf
+            assert b.phases["text_encode"] - a.phases["text_encode"] == 10_240 * 4096, mode
+        else:
+            assert b.phases["text_encode"] < a.phases["text_encode"], mode
+        # mode none keeps the encoder resident in every phase; the offload modes only in its own
+        kept = (p - emb) if mode == "none" else 0
+        assert {k: v - kept for k, v in a.phases.items() if k != "text_encode"} == \
+            {k: v for k, v in b.phases.items() if k != "text_encode"}, mode
+    assert base.estimate("model").phases["text_encode"] - fp8.estimate("model").phases["text_encode"] == p - emb - upcast
+    # the encoder on the CPU costs no VRAM either way; on a CPU-only machine the embedding is fp32
+    assert base.estimate("model", text_encoder_on_cpu=True).phases == fp8.estimate("model", text_encoder_on_cpu=True).phases
+    assert fp8.estimate(device="cpu").weights["text_encoder"] == 4 * emb + (p - emb)
+    # demo encoders get UMT5-XXL's proportions, so their fp8 estimate is cheaper too
+    demo = get_spec("demo-wan2.2-t2v-a14b")
+    assert Workload(demo, 64, 64, 9, text_encoder_storage="fp8_scaled").weights()["text_encoder"] < \
+        Workload(demo, 64, 64, 9).weights()["text_encoder"]

@@ -152,3 +152,18 @@ def test_plan_cli_bad_input_is_one_line(capsys):
     assert code == 2 and "--free-vram 'lots' is not a size" in err
     code, out, _ = run_cli(capsys, "plan", "--model-type", "wan2.1-t2v-1.3b", "--free-vram", "24GiB")
     assert code == 0 and out.startswith("wan2.1-t2v-1.3b 832x480x81: no offload")
+
+
+def test_plan_cli_prices_an_fp8_text_encoder(capsys):
+    args = ("plan", "--model-type", "wan2.2-t2v-a14b", "--height", "480", "--width", "832", "--frames", "81",
+            "--free-vram", "24GiB", "--ram", "64GiB", "--storage", "fp8_scaled", "--json")
+    code, out, _ = run_cli(capsys, *args)
+    bf16 = json.loads(out)["estimate_bytes"]
+    code, out, _ = run_cli(capsys, *args, "--text-encoder-storage", "fp8_scaled")
+    fp8 = json.loads(out)["estimate_bytes"]
+    assert code == 0
+    # umt5-xxl: 4.63e9 Linear parameters go from 2 bytes to 1; the embedding stays in the compute dtype
+    assert 4.0e9 < bf16["text_encoder"] - fp8["text_encoder"] < 5.0e9
+    assert 4.0e9 < bf16["ram"] - fp8["ram"] < 5.0e9
+    code, _, err = run_cli(capsys, *args, "--text-encoder-storage", "q4")
+    assert code == 2 and "--text-encoder-storage 'q4' is not one of" in err
