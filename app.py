@@ -90,7 +90,7 @@ def clean_leftovers(dirs: dict[str, Path]) -> None:
 
 def build(args: argparse.Namespace):
     """Engine + UI + the launch() keyword arguments."""
-    from engine.catalog import parse_lora_caps
+    from engine.models.catalog import parse_lora_caps
     from engine.facade import Engine, Settings
     from engine.types import WanStackError
 

@@ -137,7 +137,7 @@ def side_ours(workdir: Path, small: bool, repeats: int = 3) -> dict:
     """
     sys.path.insert(0, str(ROOT))
     import engine.lora.library as manager_mod
-    from engine.catalog import get_spec
+    from engine.models.catalog import get_spec
     from engine.lora import LoraManager
     from engine.types import LoraEntry, Stack
 

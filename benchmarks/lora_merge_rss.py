@@ -54,7 +54,7 @@ def build(work: Path, width: int, layers: int) -> tuple[Path, Path, int, int]:
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT))
-    from engine.demo import build_demo_model
+    from engine.models.demo import build_demo_model
 
     model = build_demo_model(work / "model", "wan2.1-t2v-14b")
     shutil.rmtree(model / "transformer")

@@ -26,7 +26,7 @@ import json, sys, time
 sys.path.insert(0, {root!r})
 import torch, diffusers, gguf, safetensors  # imports count in the baseline
 from diffusers import WanTransformer3DModel
-from engine.catalog import CATALOG
+from engine.models.catalog import CATALOG
 from engine.models import load
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))

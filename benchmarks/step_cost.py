@@ -86,7 +86,7 @@ def build(shape: dict, device, dtype, workdir: Path):
             if name and any(k in name.split(".") for k in keep):
                 module.float()
     transformer = transformer.eval()
-    from engine.demo import _vae
+    from engine.models.demo import _vae
 
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=3.0)
@@ -116,7 +116,7 @@ class Bench:
                  compile_backend: str | None):
         import torch
 
-        from engine.catalog import get_spec
+        from engine.models.catalog import get_spec
         from engine.lora import LoraManager
         from engine.types import LoraEntry, Stack
 

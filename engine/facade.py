@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.catalog import ModelSpec, get_spec, with_lora_cap
+from engine.models.catalog import ModelSpec, get_spec, with_lora_cap
 from engine.port import (
     Done, EventCallback, Failed, LoraView, MemoryView, ModelView, OutputView, PresetLoad, PresetView,
     ValidatedRequest,
@@ -53,7 +53,7 @@ class Engine:
         self._generator = None
         self._library = None
         self._presets = None
-        self._models: list | None = None  # engine.detect.ModelInfo, cached until a rescan
+        self._models: list | None = None  # engine.models.detect.ModelInfo, cached until a rescan
 
     # ---- settings the page shows -------------------------------------------------------------
     @property
@@ -66,8 +66,8 @@ class Engine:
 
     # ---- models -------------------------------------------------------------------------
     def model_infos(self, refresh: bool = False) -> list:
-        """Detected models (engine.detect.ModelInfo) in models_dir and the data folder's demo models."""
-        from engine.detect import scan
+        """Detected models (engine.models.detect.ModelInfo) in models_dir and the data folder's demo models."""
+        from engine.models.detect import scan
 
         with self._scan_lock:
             if self._models is None or refresh:
@@ -93,8 +93,8 @@ class Engine:
     def ensure_demo_model(self) -> list:
         """Build the demo models (and their demo LoRAs) into the data folder when models/ holds no
         usable real model. Returns the demo ModelInfos built or found; [] when a real model exists."""
-        from engine.demo import build_demo_model
-        from engine.detect import detect
+        from engine.models.demo import build_demo_model
+        from engine.models.detect import detect
 
         if any(m.ok and not m.demo for m in self.model_infos(refresh=True)):
             return []
@@ -317,7 +317,7 @@ class Engine:
     def validate(self, request: GenerationRequest) -> ValidatedRequest:
         """The one check at the door: the model is listed and usable, every setting in range (defaults
         filled in, a random seed drawn), every LoRA in the folder and fitting the model, the cap held."""
-        from engine.request import check_model_limits, resolve_request
+        from engine.run.request import check_model_limits, resolve_request
 
         info = self.find_model(request.model)
         spec = self.spec(info.type)
@@ -335,7 +335,7 @@ class Engine:
                  out_path: str | Path | None = None, stream_video: bool = False) -> GenerationResult:
         """Run one generation; events end with Done or Failed. `stream_video` also emits VideoChunk events
         while the VAE decodes. Raises what Failed reports."""
-        from engine.generate import Generator
+        from engine.run.generate import Generator
 
         emit = on_event or (lambda event: None)
         try:
@@ -369,21 +369,21 @@ class Engine:
 
     def streaming_problem(self) -> str | None:
         """Why the page cannot stream the video while it decodes (ffmpeg/ffprobe missing), or None."""
-        from engine.video import streaming_unavailable
+        from engine.run.video import streaming_unavailable
 
         return streaming_unavailable()
 
     # ---- outputs ---------------------------------------------------------------------------
     def outputs(self, limit: int = 60) -> list[OutputView]:
         """Past runs in the outputs folder, newest first: videos with thumbnails, failed and stopped runs."""
-        from engine.outputs import list_outputs
+        from engine.run.outputs import list_outputs
 
         return list_outputs(self.settings.outputs_dir, limit)
 
     def outputs_version(self) -> str | None:
         """Changes when a run is added to or removed from the outputs folder (None: it just changed, ask
         again); one stat, for pages that re-list only when it changed."""
-        from engine.outputs import outputs_version
+        from engine.run.outputs import outputs_version
 
         return outputs_version(self.settings.outputs_dir)
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Union, runtime_checkable
 
-from engine.catalog import ModelSpec  # the door's model-type record: a frozen, torch-free dataclass
+from engine.models.catalog import ModelSpec  # the door's model-type record: a frozen, torch-free dataclass
 from engine.speed.options import ATTENTION_CHOICES, CACHE_CHOICES, MIN_CACHE_STEPS, SpeedOptions  # torch-free
 from engine.types import GenerationRequest, GenerationResult, Stack
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engine.detect import ModelInfo
-    from engine.request import Resolved
+    from engine.models.detect import ModelInfo
+    from engine.run.request import Resolved
 
 __all__ = [
     "Done", "EnginePort", "Event", "EventCallback", "Failed", "Memory", "MemoryView", "ModelSpec", "ModelView",

@@ -1,6 +1,6 @@
 """Named LoRA stacks on disk: `presets/<slug>.json`, atomic writes, schema checks, Wan2GP `.lset` import.
 
-Standard library only (plus the torch-free engine.types / engine.catalog), so `ui/` can import it.
+Standard library only (plus the torch-free engine.types / engine.models.catalog), so `ui/` can import it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from engine.catalog import CATALOG
+from engine.models.catalog import CATALOG
 from engine.fileio import atomic_write_text
 from engine.types import LoraEntry, RequestError
 

@@ -43,7 +43,7 @@ def demo_model(demo_root, demo_loras_dir):
 
     The demo LoRAs for that architecture are written into `demo_loras_dir`.
     """
-    from engine.demo import build_demo_model
+    from engine.models.demo import build_demo_model
 
     built: dict[str, Path] = {}
 

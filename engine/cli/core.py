@@ -69,8 +69,8 @@ def add_speed_arguments(p) -> None:
 
 
 def cmd_demo(args):
-    from engine.demo import build_demo_model
-    from engine.detect import detect
+    from engine.models.demo import build_demo_model
+    from engine.models.detect import detect
 
     out = build_demo_model(args.out, args.arch, args.seed, loras_dir=args.loras_dir)
     info = detect(out)
@@ -78,7 +78,7 @@ def cmd_demo(args):
 
 
 def cmd_models(args):
-    from engine.detect import scan
+    from engine.models.detect import scan
 
     if not Path(args.models_dir).is_dir() and not args.comfyui:
         raise RequestError(f"--models-dir {args.models_dir} is not a folder")
@@ -96,7 +96,7 @@ def cmd_models(args):
 
 def resolve_model(model: str, models_dir: str | Path, comfyui: str | None):
     """`--model`: a diffusers folder, a recipe file, or the id of a model listed from models_dir / --comfyui."""
-    from engine.detect import detect, scan
+    from engine.models.detect import detect, scan
 
     p = Path(model)
     if p.is_dir():
@@ -174,7 +174,7 @@ def cmd_generate(args):
     )
     changes: list[str] = []
     if preset is not None and preset.settings:
-        from engine.catalog import get_spec
+        from engine.models.catalog import get_spec
         from engine.speed.presets import apply_settings
 
         explicit = {name for name in ("steps", "guidance", "guidance_2", "shift") if getattr(args, name) is not None}

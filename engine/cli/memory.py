@@ -57,10 +57,10 @@ def cmd_vram(args):
 
 
 def cmd_plan(args):
-    from engine.catalog import get_spec
+    from engine.models.catalog import get_spec
     from engine.memory import MemorySnapshot, Workload, choose_offload, gib, parse_bytes
 
-    from engine.request import check_geometry
+    from engine.run.request import check_geometry
 
     spec = get_spec(args.model_type)
     width, height, frames = check_geometry(spec, args.width, args.height, args.frames, flag="--")

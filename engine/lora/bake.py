@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.catalog import EXPERT_COMPONENT, get_spec, with_lora_cap
+from engine.models.catalog import EXPERT_COMPONENT, get_spec, with_lora_cap
 from engine.lora import rewrite, shards
 from engine.types import RequestError, Stack
 
@@ -44,7 +44,7 @@ def merge_model(
     stored dtypes.
     Entry files are taken as given (absolute or relative to the working directory) unless `resolve` is set.
     """
-    from engine.detect import detect
+    from engine.models.detect import detect
     from engine.lora.library import LoraLibrary
     from engine.lora.merge import merged_tensor, model_param_shapes
     from engine.lora.planning import plan_stack

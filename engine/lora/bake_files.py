@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.catalog import EXPERT_COMPONENT
+from engine.models.catalog import EXPERT_COMPONENT
 from engine.fileio import atomic_path, atomic_write_json
 from engine.lora.rewrite import Progress
 from engine.types import RequestError

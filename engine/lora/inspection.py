@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.catalog import FAMILY_BY_WIDTH
+from engine.models.catalog import FAMILY_BY_WIDTH
 from engine.lora.errors import LoraIncompatibleError
 from engine.lora.files import metadata_summary
 from engine.lora.formats import LOW, MAIN, ParsedLora, Patch

@@ -6,7 +6,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.catalog import ModelSpec
+from engine.models.catalog import ModelSpec
 from engine.lora.errors import LoraFormatError, LoraIncompatibleError
 from engine.lora.files import PICKLE_SUFFIXES, check_regular, file_sha256, read_lora_file, read_lora_shapes
 from engine.lora.formats import LOW, MAIN, ParsedLora, parse_lora
@@ -123,7 +123,7 @@ class LoraLibrary:
         info = describe(parsed, p.name)
         if model is None:
             return info
-        from engine.catalog import get_spec
+        from engine.models.catalog import get_spec
         from engine.models.experts import expert_shapes
 
         spec = get_spec(model.type) if model.ok and model.type else None

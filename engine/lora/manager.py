@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.catalog import ModelSpec
+from engine.models.catalog import ModelSpec
 from engine.lora.library import LoraLibrary, Resolver, slot_for
 from engine.lora.planning import check_stack, plan_stack
 from engine.lora.session import MergeSession

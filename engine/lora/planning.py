@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.catalog import ModelSpec
+from engine.models.catalog import ModelSpec
 from engine.lora.errors import LoraCapExceeded, LoraFormatError, LoraIncompatibleError
 from engine.lora.formats import ParsedLora
 from engine.lora.inspection import (

@@ -12,7 +12,7 @@ import time
 import weakref
 from typing import Any
 
-from engine.catalog import ModelSpec
+from engine.models.catalog import ModelSpec
 from engine.lora.library import LoraLibrary, Resolver
 from engine.lora.planning import check_stack, plan_stack, stack_hashes, stack_scheduled
 from engine.types import RequestError, Stack, WanStackError

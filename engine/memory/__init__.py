@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.catalog import ModelSpec
+from engine.models.catalog import ModelSpec
 from engine.memory.caps import TransientCheck, check_stack_transient, require_stack_transient
 from engine.memory.errors import NotEnoughMemory
 from engine.memory.estimate import Estimate, Workload, estimate

@@ -5,7 +5,7 @@ Each phase needs the weights resident on the GPU in that phase (which depends on
 mode) plus that phase's working memory; the peak is the largest phase.
 
 Where each constant comes from:
-- Parameter counts: engine/catalog.py MemoryFigures (released checkpoints, bytes / 2 of bf16 files).
+- Parameter counts: engine/models/catalog.py MemoryFigures (released checkpoints, bytes / 2 of bf16 files).
 - UMT5-XXL geometry (vocab 256384, d_model 4096, d_ff 10240, 24 layers): google/umt5-xxl config.json.
 - Transformer geometry (width, layers, ffn): the Wan config.json files, copied into MemoryFigures.
 - Tokens per forward = latent frames x (H / (vae_spatial * 2)) x (W / (vae_spatial * 2)): Wan patchifies
@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.catalog import ModelSpec
+from engine.models.catalog import ModelSpec
 from engine.dtypes import WEIGHT_BYTES
 from engine.types import OFFLOAD_MODES
 from engine.memory.units import MIB

@@ -66,7 +66,7 @@ def _pair_key(name: str) -> str:
 
 def scan_comfyui(root: str | Path, models_dir: Path | None = None) -> list:
     """ModelInfo (source "comfyui") for every model that the tree's transformer files make, usable or not."""
-    from engine.detect import ModelInfo
+    from engine.models.detect import ModelInfo
 
     root = check_root(root)
     pools = [comfyui_pool(root), diffusers_pool(models_dir)]

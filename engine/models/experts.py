@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.catalog import EXPERT_COMPONENT, get_spec
+from engine.models.catalog import EXPERT_COMPONENT, get_spec
 from engine.types import RequestError
 
 

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.catalog import DEMO_WIDTH
+from engine.models.catalog import DEMO_WIDTH
 from engine.models.headers import FileHeader, read_header
 from engine.models.keys import MARKER, is_aux, split_prefix
 
@@ -142,7 +142,7 @@ def _transformer(path: Path, header: FileHeader, prefix: str, bare: list[str], p
         arch = "wan2.1-t2v-1.3b" if family == 1536 else ("wan2.2-t2v-a14b" if expert else "wan2.1-t2v-14b")
     else:
         return FileKind(str(path), TRANSFORMER, storage, reason=f"{path.name}: in_channels {in_ch} matches no Wan model")
-    from engine.catalog import CATALOG
+    from engine.models.catalog import CATALOG
 
     if family != CATALOG[arch].memory.width:
         return FileKind(str(path), TRANSFORMER, storage, arch, expert, demo,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.catalog import CATALOG, ModelSpec
+from engine.models.catalog import CATALOG, ModelSpec
 from engine.types import RequestError
 
 log = logging.getLogger(__name__)
@@ -160,10 +160,10 @@ def load_transformer(path: str, spec: ModelSpec, dtype):
 
     p = Path(path)
     if p.is_dir():
-        from engine.generate import _dtype_kw
+        from engine.run.generate import _dtype_kw
 
         module = WanTransformer3DModel.from_pretrained(p, **_dtype_kw(dtype))
-        from engine.detect import _folder_storage
+        from engine.models.detect import _folder_storage
 
         return module.eval(), None, _folder_storage(p)
     from engine.models.headers import read_header
@@ -371,7 +371,7 @@ def load_vae(path: str, spec: ModelSpec):
 
     p = Path(path)
     if p.is_dir():
-        from engine.generate import _dtype_kw
+        from engine.run.generate import _dtype_kw
 
         return AutoencoderKLWan.from_pretrained(p, **_dtype_kw(torch.float32)).eval()
     from accelerate import init_empty_weights

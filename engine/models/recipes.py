@@ -68,7 +68,7 @@ def read_recipe(path: str | Path) -> Recipe:
         parts[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
     mtype = data.get("type")
     if mtype is not None:
-        from engine.catalog import get_spec
+        from engine.models.catalog import get_spec
 
         get_spec(mtype)
     return Recipe(name=str(data.get("name") or path.stem), type=mtype, **parts)
@@ -158,8 +158,8 @@ def _subfolder(path: str | None, component: str) -> str | None:
 def assemble(model_id: str, source: str, where: str, parts: dict[str, str | None], declared_type: str | None,
              pools: list[Pool]):
     """A ModelInfo for these parts; missing ones are taken from the pools or named in the reason."""
-    from engine.catalog import CATALOG
-    from engine.detect import ModelInfo
+    from engine.models.catalog import CATALOG
+    from engine.models.detect import ModelInfo
 
     parts = {k: _subfolder(v, k) for k, v in parts.items()}
 
@@ -265,7 +265,7 @@ def _transformer_facts(path: str, kind: FileKind | None, declared: str | None):
     cfg = _json(Path(path) / "config.json")
     if not cfg:
         return RequestError(f"{path}: no config.json (not a diffusers transformer folder)"), False, "", 0
-    from engine.detect import _folder_storage, classify
+    from engine.models.detect import _folder_storage, classify
 
     try:
         arch = classify({}, cfg, "transformer_2" in Path(path).name)
@@ -298,7 +298,7 @@ def find_tokenizer(text_encoder: str, pools: list[Pool], demo: bool) -> str | No
 
 def recipe_info(path: str | Path, *, models_dir: Path | None = None, comfyui_dir: str | Path | None = None):
     """ModelInfo of a recipe file (id = file name without .json)."""
-    from engine.detect import ModelInfo
+    from engine.models.detect import ModelInfo
 
     path = Path(path)
     try:

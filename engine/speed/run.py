@@ -1,6 +1,6 @@
 """The speed side of one generation, as the Generator sees it: plan, apply, cache the denoising loop, report.
 
-Keeps engine/generate.py's hook points to one line each.
+Keeps engine/run/generate.py's hook points to one line each.
 """
 from __future__ import annotations
 

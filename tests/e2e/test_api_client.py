@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from engine.video import probe_video
+from engine.run.video import probe_video
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

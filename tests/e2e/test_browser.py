@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.video import probe_video
+from engine.run.video import probe_video
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "e2e"
 

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = r"""
 import importlib, pkgutil, sys
 import engine
-light = ["engine", "engine.types", "engine.catalog", "engine.facade", "engine.detect", "engine.request",
-         "engine.generate", "engine.__main__"]
+light = ["engine", "engine.types", "engine.models.catalog", "engine.facade", "engine.models.detect", "engine.run.request",
+         "engine.run.generate", "engine.__main__"]
 for name in light:
     importlib.import_module(name)
 assert "torch" not in sys.modules, "light engine modules imported torch"

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.video import probe_video
+from engine.run.video import probe_video
 
 pytestmark = pytest.mark.slow
 MODEL = "demo-wan2.1-t2v-1.3b"

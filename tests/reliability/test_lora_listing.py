@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine" / "lora"))
 from lora_factory import random_lowrank, tiny_transformer, write_lora  # noqa: E402
 
-from engine.catalog import get_spec  # noqa: E402
+from engine.models.catalog import get_spec  # noqa: E402
 from engine.lora.errors import LoraFormatError, LoraIncompatibleError  # noqa: E402
 from engine.lora.files import read_lora_file, read_lora_shapes  # noqa: E402
 from engine.lora.manager import LoraManager  # noqa: E402

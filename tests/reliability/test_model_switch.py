@@ -60,7 +60,7 @@ def test_a_merge_session_keeps_no_module_alive_and_close_drops_its_state(tmp_pat
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine" / "lora"))
     from lora_factory import random_lowrank, tiny_transformer, write_lora
 
-    from engine.catalog import get_spec
+    from engine.models.catalog import get_spec
     from engine.lora.library import LoraLibrary
     from engine.lora.session import MergeSession
 

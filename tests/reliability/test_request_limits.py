@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import get_spec
+from engine.models.catalog import get_spec
 from engine.memory import plan_for
 from engine.memory.errors import NotEnoughMemory
 from engine.memory.snapshot import MemorySnapshot
-from engine.request import check_model_limits, refuse_unfit, resolve_request
+from engine.run.request import check_model_limits, refuse_unfit, resolve_request
 from engine.types import GenerationRequest, RequestError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pytest
 from engine.facade import Engine, Settings
 from engine.port import VideoChunk
 from engine.types import GenerationRequest
-from engine.video import probe_video, streaming_unavailable
+from engine.run.video import probe_video, streaming_unavailable
 
 ARCH = "wan2.1-t2v-1.3b"
 

@@ -10,7 +10,7 @@ import pytest
 
 from faultkit import fill, python
 from engine.fileio import clean_stale_temps, is_temp_name
-from engine.video import VideoWriteError, probe_video, read_metadata, write_mp4, write_sidecar
+from engine.run.video import VideoWriteError, probe_video, read_metadata, write_mp4, write_sidecar
 
 
 def noise(n: int, size: int = 64, seed: int = 0):
@@ -70,7 +70,7 @@ def test_kill_9_during_encode_leaves_only_a_temp_that_startup_removes(tmp_path):
     out.mkdir()
     child = python(
         "import time, numpy as np\n"
-        "from engine.video import write_mp4\n"
+        "from engine.run.video import write_mp4\n"
         "def frames():\n"
         "    for i in range(10000):\n"
         "        time.sleep(0.01)\n"

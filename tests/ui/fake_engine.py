@@ -6,13 +6,13 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.catalog import get_spec, with_lora_cap
+from engine.models.catalog import get_spec, with_lora_cap
 from engine.lora.planning import cap_problem, check_stack
 from engine.port import (
     Done, EventCallback, Failed, LoraView, MemoryView, ModelView, OutputView, PresetLoad, PresetView, ValidatedRequest,
 )
 from engine.presets import Preset, PresetStore, mark_entries
-from engine.request import resolve_request
+from engine.run.request import resolve_request
 from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, Stack, WanStackError
 
 T2V = "demo-wan2.1-t2v-1.3b"

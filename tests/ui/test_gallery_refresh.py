@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from engine.outputs import outputs_version
+from engine.run.outputs import outputs_version
 from engine.port import OutputView
 from fake_engine import FakeEngine
 from ui.context import UIContext

@@ -47,5 +47,6 @@ def test_ui_imports_only_the_engines_door():
 
 def test_the_door_check_catches_a_side_door(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from engine.presets import PresetStore\n    from engine import catalog\n")
-    assert [n for n in _imports(bad) if n not in DOOR] == ["engine.presets", "engine.catalog"]
+    bad.write_text("def f():\n    from engine.presets import PresetStore\n    from engine import memory\n"
+                   "    from engine.models import catalog\n")
+    assert [n for n in _imports(bad) if n not in DOOR] == ["engine.presets", "engine.memory", "engine.models"]

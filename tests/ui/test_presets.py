@@ -192,8 +192,8 @@ def test_shipped_presets_use_the_demo_loras_of_their_model(tmp_path):
     import shutil
     from pathlib import Path
 
-    from engine.catalog import get_spec
-    from engine.demo_loras import DEMO_LORAS
+    from engine.models.catalog import get_spec
+    from engine.models.demo_loras import DEMO_LORAS
     from engine.lora.planning import cap_problem
     from engine.types import Stack
 

@@ -48,7 +48,7 @@ def test_plan_panel_shows_the_speed_reasons():
 def test_loading_a_speed_preset_fills_the_settings_and_says_so(tmp_path):
     import json
 
-    from engine.catalog import get_spec
+    from engine.models.catalog import get_spec
     from ui.presets_panel import _with_preset_settings
 
     engine = FakeEngine(tmp_path)

@@ -1,7 +1,7 @@
 """Stack editor rules: per-expert cap counts and refusals, pair offers, row moves, typed weights."""
 import pytest
 
-from engine.catalog import get_spec, with_lora_cap
+from engine.models.catalog import get_spec, with_lora_cap
 from engine.lora.planning import cap_problem
 from engine.types import RequestError
 from ui import stack_logic as sl

@@ -57,7 +57,7 @@ def test_inspect_wrong_base_says_which_family(demo_model, high_lora, capsys):
 def test_merge_bakes_into_the_named_expert_only(demo_model, high_lora, tmp_path, capsys):
     from diffusers import WanTransformer3DModel
 
-    from engine.catalog import get_spec
+    from engine.models.catalog import get_spec
     from engine.lora import LoraManager
     from engine.types import LoraEntry, Stack
 
@@ -71,7 +71,7 @@ def test_merge_bakes_into_the_named_expert_only(demo_model, high_lora, tmp_path,
     assert report["loras"][0]["status"] == "applied"
     assert report["loras"][0]["weights"] == {"high_noise": 0.8, "low_noise": 0.0}
     assert _tree_hash(src) == before  # the source is never written
-    from engine.detect import detect
+    from engine.models.detect import detect
 
     assert detect(out).ok and detect(out).type == "demo-" + A14B
     # High-noise expert: equal to the same application done in memory; low-noise: unchanged.

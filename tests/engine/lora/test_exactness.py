@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.catalog import get_spec
+from engine.models.catalog import get_spec
 from engine.lora import LoraCapExceeded, LoraFormatError, LoraIncompatibleError, LoraManager
 from engine.types import LoraEntry, Stack
 from lora_factory import random_lowrank, snapshot, tiny_transformer, write_lightx2v, write_lora, write_two_expert

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.catalog import get_spec
+from engine.models.catalog import get_spec
 from engine.lora import LoraFormatError, LoraManager
 from engine.lora.files import read_lora_file
 from engine.types import LoraEntry, Stack

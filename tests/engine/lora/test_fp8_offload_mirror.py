@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.catalog import get_spec
+from engine.models.catalog import get_spec
 from engine.lora import LoraManager
 from engine.models.fp8 import make_fp8, quantize
 from engine.types import LoraEntry, Stack

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.catalog import get_spec
+from engine.models.catalog import get_spec
 from engine.cli.core import parse_lora_spec
 from engine.lora import LoraManager
 from engine.lora.schedule import expand, parse_weight, strength_for_expert
@@ -135,9 +135,9 @@ def test_lora_merge_refuses_a_schedule(lora_dir):
 @pytest.mark.slow
 def test_pipeline_run_with_a_schedule_equals_a_per_step_remerge_loop(demo_model, lora_dir, tmp_path):
     """The demo Wan2.2 pipeline: scheduled entry via hooks + set_step vs the entry merged from W0 at each step."""
-    from engine.detect import detect
+    from engine.models.detect import detect
     from engine.facade import Settings
-    from engine.generate import Generator
+    from engine.run.generate import Generator
     from engine.lora.schedule import value_at
     from engine.lora.stack_runtime import high_noise_steps_of
 

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from engine.catalog import CATALOG, get_spec
+from engine.models.catalog import CATALOG, get_spec
 from engine.memory import Workload, estimate
 from engine.memory.estimate import MODES
 

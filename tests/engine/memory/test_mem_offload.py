@@ -25,7 +25,7 @@ IDS = [f"{p.mode.value}{'-te_cpu' if p.text_encoder_on_cpu else ''}{'-tiling' if
 
 @pytest.fixture(scope="module")
 def pipes():
-    from engine.demo import build_demo_pipeline
+    from engine.models.demo import build_demo_pipeline
 
     built = {}
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from engine.catalog import get_spec
+from engine.models.catalog import get_spec
 from engine.memory import MemorySnapshot, OffloadMode, OffloadPlan, Workload, choose_offload, plan_for
 from engine.types import RequestError
 

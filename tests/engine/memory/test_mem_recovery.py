@@ -83,7 +83,7 @@ def test_other_errors_are_not_retried():
 
 @pytest.mark.slow
 def test_demo_pipeline_recovers_from_an_oom_in_the_transformer_forward():
-    from engine.demo import build_demo_pipeline
+    from engine.models.demo import build_demo_pipeline
 
     pipe = build_demo_pipeline("wan2.1-t2v-1.3b", seed=0)
     pipe.set_progress_bar_config(disable=True)

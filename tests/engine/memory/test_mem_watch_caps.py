@@ -7,7 +7,7 @@ import time
 import pynvml
 import pytest
 
-from engine.catalog import get_spec
+from engine.models.catalog import get_spec
 from engine.memory import (MemorySnapshot, MemoryWatch, NotEnoughMemory, OffloadPlan, Workload, check_stack_transient,
                            choose_offload, require_stack_transient)
 from engine.memory.watch import Sampler

@@ -32,7 +32,7 @@ def _stack(*entries):
 
 def _params(engine, info):
     """Expert parameters and scales of a model as the generator loads it, and its merge session."""
-    from engine.generate import Generator
+    from engine.run.generate import Generator
 
     gen = Generator(engine.settings, engine.library)
     spec = engine.spec(info.type)

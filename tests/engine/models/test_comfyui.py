@@ -37,7 +37,7 @@ def test_detection_names_every_type_from_single_files(tmp_path):
     """Shapes decide: in_channels 16/36/48, width, the Wan2.1 I2V image branch, and high/low in the name."""
     import torch
 
-    from engine.demo import _transformer
+    from engine.models.demo import _transformer
     from engine.models.identify import classify_file
     from engine.models.testdata import write_transformer
 
@@ -90,7 +90,7 @@ def test_scan_assembles_pairs_with_storage_files_and_label(comfy_tree):
 
 
 def test_broken_trees_get_their_reason(tree_copy):
-    from engine.demo import _vae
+    from engine.models.demo import _vae
     from engine.models.comfyui import scan_comfyui
     from engine.models.testdata import write_vae
 

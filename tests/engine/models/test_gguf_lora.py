@@ -40,7 +40,7 @@ def _forward(module):
 def test_runtime_lora_on_gguf_matches_the_merge_on_dequantized_weights(comfy_tree):
     import torch
 
-    from engine.catalog import CATALOG
+    from engine.models.catalog import CATALOG
     from engine.lora import LoraManager
     from engine.models.load import load_transformer
     from engine.types import LoraEntry, Stack
@@ -78,7 +78,7 @@ def test_k_quants_load_through_diffusers_and_stay_quantized(tmp_path, qtype):
     import torch
     from diffusers import WanTransformer3DModel
 
-    from engine.catalog import CATALOG
+    from engine.models.catalog import CATALOG
     from engine.models.load import load_transformer
     from engine.models.testdata import write_gguf
 

@@ -55,7 +55,7 @@ def test_vae_map_follows_other_block_counts():
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model.", "diffusion_model."])
 def test_transformer_names_round_trip_through_diffusers_converter(prefix):
-    from engine.demo import _transformer
+    from engine.models.demo import _transformer
     from engine.models.keys import transformer_name_map
     from engine.models.testdata import to_wan_names
 

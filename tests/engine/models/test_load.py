@@ -19,7 +19,7 @@ TOLERANCE = {"fp8_scaled": 0.03, "fp8_e4m3fn": 0.03, "gguf-Q8_0": 0.005, "gguf-Q
 def _latents(engine, info):
     import torch
 
-    from engine.generate import Generator
+    from engine.run.generate import Generator
 
     gen = Generator(engine.settings, engine.library)
     pipe = gen.load(info, engine.spec(info.type))
@@ -88,7 +88,7 @@ def test_scaled_fp8_without_its_scales_would_be_wrong(comfy_tree):
     import torch
     from safetensors import safe_open
 
-    from engine.catalog import CATALOG
+    from engine.models.catalog import CATALOG
     from engine.models.load import load_transformer
 
     path = comfy_tree / "diffusion_models" / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
@@ -135,7 +135,7 @@ def test_wan21_i2v_from_single_files_with_clip_vision_equals_the_folder(demo_mod
     from PIL import Image
 
     from engine.facade import Engine, Settings
-    from engine.generate import Generator
+    from engine.run.generate import Generator
     from engine.models.testdata import build_comfyui_tree
 
     demo = demo_model("wan2.1-i2v-14b")
@@ -162,7 +162,7 @@ def test_bf16_compute_keeps_the_same_fp32_modules_as_from_pretrained(comfy_tree,
     import torch
     from diffusers import WanTransformer3DModel
 
-    from engine.catalog import CATALOG
+    from engine.models.catalog import CATALOG
     from engine.models.load import load_transformer
 
     folder = WanTransformer3DModel.from_pretrained(demo_model("wan2.2-t2v-a14b"), subfolder="transformer",

@@ -21,7 +21,7 @@ def env(comfy_tree, demo_model, tmp_path_factory):
 
 def _experts(engine, info):
     """The experts of a loaded pipeline and the generator's merge session on them (the path generate takes)."""
-    from engine.generate import Generator
+    from engine.run.generate import Generator
 
     gen = Generator(engine.settings, engine.library)
     spec = engine.spec(info.type)

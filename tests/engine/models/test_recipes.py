@@ -37,7 +37,7 @@ def test_recipe_mixes_fp8_experts_with_a_diffusers_folders_parts(comfy_tree, dem
     """fp8 experts from the ComfyUI tree, text encoder and VAE from a diffusers folder, tokenizer found there."""
     import shutil
 
-    from engine.detect import scan
+    from engine.models.detect import scan
 
     models = tmp_path / "models"
     models.mkdir()

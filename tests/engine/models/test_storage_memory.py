@@ -5,7 +5,7 @@ import pytest
 
 
 def test_estimate_prices_each_storage():
-    from engine.catalog import CATALOG
+    from engine.models.catalog import CATALOG
     from engine.memory.estimate import Workload
 
     spec = CATALOG["wan2.2-t2v-a14b"]
@@ -21,7 +21,7 @@ def test_estimate_prices_each_storage():
 
 
 def test_plan_ram_reason_for_offloaded_copies():
-    from engine.catalog import CATALOG
+    from engine.models.catalog import CATALOG
     from engine.memory import plan_for
     from engine.memory.snapshot import MemorySnapshot
     from engine.memory.units import GIB
@@ -39,7 +39,7 @@ def test_plan_ram_reason_for_offloaded_copies():
 def test_fp8_stays_fp8_in_vram_and_matches_the_estimate(comfy_tree):
     import torch
 
-    from engine.catalog import CATALOG
+    from engine.models.catalog import CATALOG
     from engine.memory.estimate import STORAGE_BYTES_PER_PARAM
     from engine.models.load import load_transformer
 

@@ -182,7 +182,7 @@ def test_real_umt5_xxl_bytes_and_the_estimate():
     against what the estimator prices for a bf16 and an fp8 text encoder."""
     import torch
 
-    from engine.catalog import CATALOG
+    from engine.models.catalog import CATALOG
     from engine.memory.estimate import Workload
     from engine.models.load import empty_text_encoder, shipped_config
 
@@ -230,7 +230,7 @@ def test_offload_modes_keep_the_fp8_text_encoder(te_files, comfy_tree, mode):
 
 
 def _fp8_te_info(te_files, comfy_tree):
-    from engine.detect import ModelInfo
+    from engine.models.detect import ModelInfo
 
     dm = comfy_tree / "diffusion_models"
     files = {"transformer": str(dm / "wan2.2_t2v_high_noise_14B_fp32.safetensors"),
@@ -250,7 +250,7 @@ def test_generate_from_a_recipe_with_an_fp8_text_encoder(te_files, comfy_tree, t
     import imageio.v3 as iio
     import torch
 
-    from engine.catalog import CATALOG
+    from engine.models.catalog import CATALOG
     from engine.facade import Engine, Settings
     from engine.memory.estimate import Workload
     from engine.types import GenerationRequest

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.detect import ModelInfo
+from engine.models.detect import ModelInfo
 from engine.models.headers import check_complete
 from engine.models.load import weight_files
 from engine.types import RequestError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import get_spec
+from engine.models.catalog import get_spec
 from engine.presets import PresetError, PresetStore, mark_entries, parse_json
 from engine.speed.presets import apply_settings, locate_files
 from engine.types import GenerationRequest

@@ -39,7 +39,7 @@ def test_merged_folders_and_outputs_get_the_users_normal_modes(engine, tmp_path)
     import os
     import stat
 
-    from engine.video import write_sidecar
+    from engine.run.video import write_sidecar
 
     umask = os.umask(0o022)
     os.umask(umask)

@@ -37,7 +37,7 @@ def high_noise_lora(path, width: int = 32) -> None:
 def test_bf16_merge_equals_in_place_application_on_a_bf16_model(demo_model, tmp_path, capsys):
     from diffusers import WanTransformer3DModel
 
-    from engine.catalog import get_spec
+    from engine.models.catalog import get_spec
     from engine.lora.manager import LoraManager
     from engine.types import LoraEntry, Stack
 

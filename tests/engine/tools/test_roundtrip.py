@@ -77,7 +77,7 @@ def test_merge_then_extract_recovers_the_known_delta(merged, tmp_path, capsys):
 def test_merge_output_equals_in_place_application(merged):
     from diffusers import WanTransformer3DModel
 
-    from engine.catalog import get_spec
+    from engine.models.catalog import get_spec
     from engine.lora.manager import LoraManager
     from engine.types import LoraEntry, Stack
 

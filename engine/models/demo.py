@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from engine.catalog import DEMO_WIDTH, REAL, get_spec
+from engine.models.catalog import DEMO_WIDTH, REAL, get_spec
 from engine.fileio import atomic_path
 from engine.types import RequestError
 
@@ -143,7 +143,7 @@ def build_demo_model(out_dir: str | os.PathLike, arch: str = "wan2.1-t2v-1.3b", 
         if out.exists():
             out.rmdir()  # empty (checked above): the rename puts the finished folder in its place
     if loras_dir is not None:
-        from engine.demo_loras import write_demo_loras
+        from engine.models.demo_loras import write_demo_loras
 
         write_demo_loras(loras_dir, {arch: pipe.transformer}, seed)
     return out

@@ -10,14 +10,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.catalog import HIGH, LOW, SINGLE, ModelSpec
-from engine.detect import ModelInfo
+from engine.models.catalog import HIGH, LOW, SINGLE, ModelSpec
+from engine.models.detect import ModelInfo
 from engine.port import (
     EventCallback, Memory, MemoryView, PlanView, Retry, StackApplied, StackReport, Status, Step, ValidatedRequest,
     VideoChunk,
 )
 from engine.port import Plan as PlanEvent
-from engine.request import Resolved, refuse_unfit
+from engine.run.request import Resolved, refuse_unfit
 from engine.types import GenerationCancelled, GenerationRequest, GenerationResult, RequestError, WanStackError
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Generator:
         started = time.perf_counter()
         notes: list[str] = []
         if stream_video:
-            from engine.video import streaming_unavailable
+            from engine.run.video import streaming_unavailable
 
             why = streaming_unavailable()
             if why:  # the player would fail on every segment; the finished MP4 is shown instead
@@ -201,7 +201,7 @@ class Generator:
         lora_report = state["loras"]
         settings = _settings_json(info, spec, req, r, lora_report, final_plan.mode.value)
         path = Path(out_path) if out_path else _default_out(self.settings.outputs_dir, r.seed)
-        from engine.video import write_mp4, write_sidecar
+        from engine.run.video import write_mp4, write_sidecar
 
         write_mp4(frames, path, r.fps, settings)
         write_sidecar(path, settings)
@@ -227,7 +227,7 @@ class Generator:
         """The merge session of this pipeline's experts: made on first use, closed with the pipeline."""
         from engine.lora.session import MergeSession
 
-        from engine.catalog import EXPERT_COMPONENT
+        from engine.models.catalog import EXPERT_COMPONENT
 
         experts = self.experts(pipe, spec)
         if self._session is None or not self._session.owns(experts):
@@ -272,7 +272,7 @@ class Generator:
         Sets the scheduled LoRA strengths for the next step, closes the step for the speed tools, reports
         the step with a latent preview, then stops the run if the user asked. Per-step work goes here.
         """
-        from engine.preview import latents_to_gif
+        from engine.run.preview import latents_to_gif
 
         if self._session is not None:
             self._session.set_step(step, total)  # scheduled LoRA weights for the next step (issue 11)
@@ -316,7 +316,7 @@ class Generator:
 
     def _segment_writer(self, fps: int, emit: EventCallback):
         """Each decoded chunk becomes an MPEG-TS segment in outputs/.stream/, announced as a VideoChunk."""
-        from engine.video import write_mp4
+        from engine.run.video import write_mp4
 
         folder = Path(self.settings.outputs_dir) / ".stream" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         count = [0]
@@ -338,7 +338,7 @@ def _memory_view(sample) -> MemoryView:
 
 def _write_failure(outputs_dir, checked: ValidatedRequest, status: str, message: str) -> None:
     """A failed or stopped run's settings with its status, as outputs/<stamp>-<seed>.json (no video)."""
-    from engine.video import write_sidecar
+    from engine.run.video import write_sidecar
 
     r = checked.resolved
     settings = _settings_json(checked.model, checked.spec, checked.request, r, None, checked.request.offload)

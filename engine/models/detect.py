@@ -10,7 +10,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.catalog import CATALOG, DEMO_WIDTH
+from engine.models.catalog import CATALOG, DEMO_WIDTH
 
 log = logging.getLogger(__name__)
 DEMO_MARKER = "wanstack_demo.json"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from engine.detect import classify, detect, scan
+from engine.models.detect import classify, detect, scan
 
 ARCHS = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"]
 

@@ -11,7 +11,7 @@ import pytest
 from engine.facade import Engine, Settings
 from engine.port import Failed, Step, VideoChunk
 from engine.types import GenerationCancelled, GenerationRequest
-from engine.video import read_metadata
+from engine.run.video import read_metadata
 
 ARCHS = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from engine.catalog import ModelSpec
+from engine.models.catalog import ModelSpec
 from engine.types import OFFLOAD_CHOICES, GenerationRequest, RequestError
 
 MAX_SEED = 2**32 - 1

@@ -5,7 +5,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from engine.video import VideoWriteError, read_metadata, write_mp4, write_sidecar
+from engine.run.video import VideoWriteError, read_metadata, write_mp4, write_sidecar
 
 
 def test_round_trip_with_metadata(tmp_path):

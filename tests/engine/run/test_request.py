@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.catalog import get_spec, parse_lora_caps
-from engine.request import resolve_request
+from engine.models.catalog import get_spec, parse_lora_caps
+from engine.run.request import resolve_request
 from engine.types import GenerationRequest, LoraEntry, RequestError, Stack
 
 T2V = get_spec("wan2.2-t2v-a14b")

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from engine.catalog import CATALOG, get_spec
+from engine.models.catalog import CATALOG, get_spec
 
 
 def _example(module) -> str:
