@@ -132,6 +132,8 @@ class Generator:
             stream_video: bool = False) -> GenerationResult:
         """Run a validated request. With no `out_path` the video goes to the outputs folder, and a failed or
         stopped run leaves a record there (a settings JSON with its status) for the gallery."""
+        from engine.memory.recovery import trim_heap
+
         try:
             return self._run(checked, emit, out_path, stream_video)
         except (WanStackError, RuntimeError, OSError) as e:
@@ -139,6 +141,8 @@ class Generator:
                 stopped = isinstance(e, GenerationCancelled)
                 _write_failure(self.settings.outputs_dir, checked, "stopped" if stopped else "failed", str(e))
             raise
+        finally:
+            trim_heap()  # the frames and the encoder's buffers are freed by now
 
     def _run(self, checked: ValidatedRequest, emit: EventCallback, out_path, stream_video) -> GenerationResult:
         from engine import memory
