@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python benchmarks/model_load.py`
+    sys.path.insert(0, str(ROOT))
 
 CHILD = """
 import json, sys, time
