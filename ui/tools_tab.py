@@ -28,7 +28,13 @@ def inspection_markdown(info: dict) -> str:
     model = info.get("model") or {}
     by_expert = info.get("coverage_by_expert") or {}
     if model:
-        lines.append(f"\n**On {model.get('label') or model.get('type')}** (what a merge or a run would apply):")
+        storage = str(model.get("storage") or "")
+        where = f"{model.get('id')}, " if model.get("id") else ""
+        lines.append(f"\n**On {model.get('label') or model.get('type')}** ({where}{storage or 'diffusers'}; "
+                     "what a merge or a run would apply):")
+        if storage.startswith("gguf"):
+            lines.append("\nGGUF weights stay quantized: a run applies this LoRA at run time (unmerged); "
+                         "a merge cannot bake it into GGUF.")
     for expert, cov in by_expert.items():
         name = "model" if expert == "single" else expert.replace("_", "-") + " expert"
         lines.append(f"\n- **{name}**: {cov.get('applied', 0)}/{cov.get('total', 0)} keys match"
