@@ -27,3 +27,19 @@ def tree_copy(comfy_tree, tmp_path) -> Path:
     out = tmp_path / "models"
     shutil.copytree(comfy_tree, out, copy_function=lambda s, d: __import__("os").link(s, d))
     return out
+
+
+def _loaded_experts(engine, info):
+    """The experts of a loaded pipeline and the generator's merge session on them (the path generate takes)."""
+    from engine.run.generate import Generator
+
+    gen = Generator(engine.settings, engine.library)
+    spec = engine.spec(info.type)
+    pipe = gen.load(info, spec)
+    return gen.experts(pipe, spec), spec, gen.merge_session(pipe, spec)
+
+
+@pytest.fixture
+def loaded_experts():
+    """`loaded_experts(engine, info)` -> (expert modules, spec, merge session) of a model as generate loads it."""
+    return _loaded_experts

@@ -30,16 +30,6 @@ def _stack(*entries):
     return Stack(tuple(LoraEntry(file=str(f), weight=w, applies_to=a) for f, w, a in entries))
 
 
-def _params(engine, info):
-    """Expert parameters and scales of a model as the generator loads it, and its merge session."""
-    from engine.run.generate import Generator
-
-    gen = Generator(engine.settings, engine.library)
-    spec = engine.spec(info.type)
-    pipe = gen.load(info, spec)
-    return gen.experts(pipe, spec), spec, gen.merge_session(pipe, spec)
-
-
 def _snapshot(experts):
     import torch
 
@@ -71,7 +61,7 @@ def _big_lora(src: Path, out: Path, factor: float) -> Path:
 
 
 @pytest.mark.parametrize("storage", ["fp32", "fp8_scaled", "fp8_e4m3fn"])
-def test_baked_recipe_equals_the_in_memory_merge(env, storage, tmp_path):
+def test_baked_recipe_equals_the_in_memory_merge(env, storage, tmp_path, loaded_experts):
     from engine.lora.bake import merge_model
 
     engine, models, loras = env
@@ -87,12 +77,12 @@ def test_baked_recipe_equals_the_in_memory_merge(env, storage, tmp_path):
     assert recipe["transformer"] == f"baked-{storage}_high_noise.safetensors"
     assert Path(recipe["text_encoder"]).is_absolute() and Path(recipe["vae"]).is_file()
 
-    experts, spec, session = _params(engine, info)
+    experts, spec, session = loaded_experts(engine, info)
     session.apply(spec, stack, resolve=Path)
     merged = _snapshot(experts)
     baked_info = {m.id: m for m in engine.model_infos(refresh=True)}[f"baked-{storage}"]
     assert baked_info.ok and baked_info.source == "recipe", baked_info.reason
-    baked, _, _ = _params(engine, baked_info)
+    baked, _, _ = loaded_experts(engine, baked_info)
     _equal(_snapshot(baked), merged)
     if storage.startswith("fp8"):
         # the big LoRA outgrew fp8 at the file's scale: the recomputed scale travels in the file (a plain fp8 file

@@ -19,16 +19,6 @@ def env(comfy_tree, demo_model, tmp_path_factory):
     return engine, {m.id: m for m in engine.model_infos()}, comfy_tree / "loras" / "demo"
 
 
-def _experts(engine, info):
-    """The experts of a loaded pipeline and the generator's merge session on them (the path generate takes)."""
-    from engine.run.generate import Generator
-
-    gen = Generator(engine.settings, engine.library)
-    spec = engine.spec(info.type)
-    pipe = gen.load(info, spec)
-    return gen.experts(pipe, spec), spec, gen.merge_session(pipe, spec)
-
-
 def _bytes(t):
     import torch
 
@@ -41,13 +31,13 @@ def _stack(*entries):
     return Stack(tuple(LoraEntry(file=str(f), weight=w, applies_to=a) for f, w, a in entries))
 
 
-def test_single_file_merge_equals_the_folder_and_rereads_w0_from_the_file(env):
+def test_single_file_merge_equals_the_folder_and_rereads_w0_from_the_file(env, loaded_experts):
     import torch
 
     engine, models, loras = env
     stack = _stack((loras / "anime-a14b-peft.safetensors", 0.8, "both"), (loras / "speed_high_noise.safetensors", 1.0, "high_noise"))
-    folder, spec, folder_session = _experts(engine, models["demo"])
-    single, _, session = _experts(engine, models["wan2.2_t2v_14B_fp32"])
+    folder, spec, folder_session = loaded_experts(engine, models["demo"])
+    single, _, session = loaded_experts(engine, models["wan2.2_t2v_14B_fp32"])
     before = {e: {n: p.detach().clone() for n, p in m.named_parameters()} for e, m in single.items()}
     folder_session.apply(spec, stack, resolve=Path)
     session.apply(spec, stack, resolve=Path)
@@ -63,7 +53,7 @@ def test_single_file_merge_equals_the_folder_and_rereads_w0_from_the_file(env):
             assert torch.equal(_bytes(p), _bytes(before[e][n])), n
 
 
-def test_fp8_merge_is_within_the_rounding_bound_and_removal_restores_the_bytes(env):
+def test_fp8_merge_is_within_the_rounding_bound_and_removal_restores_the_bytes(env, loaded_experts):
     """Bound: each merged weight, dequantized, is within half an fp8 step of the fp32 reference
     W0*s + sum w*scale*(B@A): |got - ref| <= s * max(2^-4 * |ref/s|, 2^-10) (e4m3: 3 mantissa bits, subnormal
     step 2^-9), as long as |ref/s| <= 448."""
@@ -71,7 +61,7 @@ def test_fp8_merge_is_within_the_rounding_bound_and_removal_restores_the_bytes(e
 
     engine, models, loras = env
     info = models["wan2.2_t2v_14B_fp8_scaled"]
-    experts, spec, session = _experts(engine, info)
+    experts, spec, session = loaded_experts(engine, info)
     s1 = _stack((loras / "anime-a14b-peft.safetensors", 0.8, "both"))
     s2 = _stack((loras / "anime-a14b-peft.safetensors", -1.5, "both"), (loras / "speed_low_noise.safetensors", 1.0, "low_noise"))
     original = {e: {n: _bytes(p) for n, p in m.named_parameters()} for e, m in experts.items()}
