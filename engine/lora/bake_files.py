@@ -116,25 +116,25 @@ def _bake_file(src: Path, dst: Path, desired: dict[str, list], record: dict, pro
     from engine.lora import shards
     from engine.lora.files import read_safetensors_header
     from engine.lora.merge import WeightSource, merged_tensor, write_merged_fp8
-    from engine.models.keys import MARKER, split_prefix, transformer_name_map
+    from engine.models.keys import MARKER, scale_key_of, split_prefix, transformer_name_map
 
     header, _ = read_safetensors_header(src)
     meta = dict(header.pop("__metadata__", None) or {})
     keys = list(header)
     name_of = {key: name for name, key in transformer_name_map(keys).items()}
     reader = WeightSource(src)
-    plain_fp8 = not any(k.endswith(".scale_weight") for k in keys)
-    scales: dict[str, float] = {}  # scale_weight key -> value to write
-    for key in keys:
-        if key.endswith(".scale_weight"):
-            scales[key] = float(reader.read(key, torch.float32))
-    if plain_fp8:  # a plain fp8 file has no scales: add them (and the marker) only if a merge outgrows fp8's range
+    scale_of = {k: scale_key_of(k, header) for k in keys if header[k]["dtype"] == _ST_FP8}
+    scale_of = {k: v for k, v in scale_of.items() if v is not None}
+    # fp8 weight scales (ComfyUI's `scale_weight` or the newer `weight_scale`) -> the value to write
+    scales: dict[str, float] = {sk: float(reader.read(sk, torch.float32)) for sk in scale_of.values()}
+    if not scales:  # a plain fp8 file has no scales: add them (and the marker) only if a merge outgrows fp8's range
         scales.update(_plain_fp8_scales(reader, header, name_of, desired))
     extra = [k for k in scales if k not in header]
     if extra and not any(k.rsplit(".", 1)[-1] == MARKER for k in keys):
         extra.append(split_prefix([k for k in keys]) + MARKER)
-    layout = [(k, header[k]["dtype"], tuple(header[k]["shape"])) for k in keys if not k.endswith(".scale_weight")]
-    layout += [(k, "F32", ()) for k in sorted(scales)]
+    layout = [(k, header[k]["dtype"], tuple(header[k]["shape"])) for k in keys if k not in scales]
+    layout += [(k, header[k]["dtype"] if k in header else "F32", tuple(header[k]["shape"]) if k in header else ())
+               for k in sorted(scales)]
     layout += [(k, _ST_FP8, (0,)) for k in extra if k.endswith(MARKER)]
     meta["wanstack_merge"] = json.dumps(record)
     changed = 0
@@ -142,7 +142,8 @@ def _bake_file(src: Path, dst: Path, desired: dict[str, list], record: dict, pro
         with shards.ShardWriter(tmp, layout, meta) as writer:
             for key, code, _shape in layout:
                 if key in scales:
-                    writer.write(key, torch.tensor(scales[key], dtype=torch.float32))
+                    writer.write(key, torch.tensor(scales[key], dtype=torch.float32).to(shards.torch_dtype(code))
+                                 .reshape(_shape))
                     continue
                 if key.endswith(MARKER) and key in extra:
                     writer.write(key, torch.empty(0, dtype=torch.float8_e4m3fn))
@@ -151,7 +152,7 @@ def _bake_file(src: Path, dst: Path, desired: dict[str, list], record: dict, pro
                 contribs = desired.get(name_of.get(key, ""))
                 if contribs:
                     if code == _ST_FP8:
-                        scale_key = key[: -len("weight")] + "scale_weight"
+                        scale_key = scale_of.get(key) or key[: -len("weight")] + "scale_weight"
                         s_new, _ = write_merged_fp8(w0, contribs, None, scales.get(scale_key, 1.0), name=key)
                         if scale_key in scales:
                             scales[scale_key] = s_new

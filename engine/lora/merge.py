@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 import weakref
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.lora.files import _ST_DTYPES, pread_into
-from engine.types import WanStackError
+from engine.types import RequestError, WanStackError
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,11 @@ class WeightSource:
             self.index = raw
         else:
             self.index = {name: raw[key] for name, key in names.items() if key in raw}
+            from engine.models.keys import scale_key_of
+
             for name, key in names.items():
-                scale_key = key[: -len("weight")] + "scale_weight" if key.endswith("weight") else None
-                if scale_key in raw and raw[key][1].startswith("F8"):
+                scale_key = scale_key_of(key, raw) if key in raw and raw[key][1].startswith("F8") else None
+                if scale_key is not None:
                     self.scales[name] = self._scalar(raw[scale_key])
         self._maps: dict[Path, mmap.mmap] = {}
         self._pending: tuple[mmap.mmap, int, int] | None = None
@@ -69,7 +72,10 @@ class WeightSource:
     def _scalar(entry) -> float:
         import torch
 
-        file, st_dtype, _shape, offset, _ = entry
+        file, st_dtype, shape, offset, _ = entry
+        if math.prod(shape) != 1:  # per-row or per-block scales (int8/nvfp4/mxfp8 layouts): not a per-tensor fp8 scale
+            raise RequestError(f"{Path(file).name}: a weight scale of shape {list(shape)}; only per-tensor fp8 scales "
+                               "are read (use the fp8_scaled, bf16 or GGUF version of this file)")
         t = torch.empty((), dtype=_ST_DTYPES.get(st_dtype))
         fd = os.open(file, os.O_RDONLY)
         try:

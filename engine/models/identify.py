@@ -5,6 +5,7 @@ Transformer types come from shapes (width, in_channels 16/36/48, the Wan2.1 I2V 
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -52,9 +53,27 @@ def storage_of(header: FileHeader, params: list[str]) -> str:
     if header.format == "gguf":
         return f"gguf-{code}"
     storage = _ST_STORAGE.get(code, code.lower())
-    if storage == "fp8_e4m3fn" and any(n.endswith(".scale_weight") for n in header.tensors):
+    if storage == "fp8_e4m3fn" and any(n.endswith((".scale_weight", ".weight_scale")) for n in header.tensors):
         storage = "fp8_scaled"
     return storage
+
+
+def unsupported_quantization(header: FileHeader) -> str:
+    """Why a safetensors file's quantized weights cannot be read as fp8 with per-tensor scales, or "".
+
+    ComfyUI's mixed-precision files may hold int8, nvfp4 or mxfp8 layers (integer or byte containers with per-row
+    or per-block `weight_scale`s); read as plain tensors they would load silently wrong weights."""
+    if header.format != "safetensors":
+        return ""
+    for name, info in header.tensors.items():
+        if name.endswith(".weight") and len(info.shape) == 2 and info.dtype in ("I8", "U8", "I16", "I32", "I64"):
+            return (f"{header.path.name} stores {name} as {info.dtype} (an int8 or 4-bit quantized layout); WanStack "
+                    "reads bf16/fp16/fp32, fp8 with per-tensor scales and GGUF: use one of those versions")
+    for name, info in header.tensors.items():
+        if name.endswith((".weight_scale", ".scale_weight")) and math.prod(info.shape) != 1:
+            return (f"{header.path.name} has per-block or per-row weight scales ({name}, shape {list(info.shape)}); "
+                    "WanStack reads fp8 with per-tensor scales: use the fp8_scaled, bf16/fp16 or GGUF version")
+    return ""
 
 
 def file_storage(path: str | Path) -> str:
@@ -94,6 +113,10 @@ def classify_file(path: str | Path, header: FileHeader | None = None) -> FileKin
     if any(n.endswith(("._data", ".weight._scale")) for n in names):
         return FileKind(str(path), TRANSFORMER, "quanto", demo=demo,
                         reason=f"{path.name} is quanto int8 (Wan2GP); use the bf16/fp16 or fp8 version of this file")
+    why = unsupported_quantization(header)
+    if why:
+        return FileKind(str(path), TRANSFORMER if any("blocks." in n for n in names[:50]) else UNKNOWN, "unsupported",
+                        demo=demo, reason=why)
     prefix = split_prefix(names)
     bare = [n[len(prefix):] for n in names if n.startswith(prefix)]
     params = [n for n in names if not is_aux(n)]

@@ -13,8 +13,23 @@ from __future__ import annotations
 import re
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+# Quantization side tensors, not parameters: ComfyUI's scaled fp8 (`scale_weight`, `scale_input`, the `scaled_fp8`
+# marker) and its newer mixed-precision layout (`weight_scale`, `input_scale`, a per-layer `comfy_quant` JSON blob
+# naming the format; QUANTIZATION.md in ComfyUI), whose other formats add `weight_scale_2` / `pre_quant_scale`.
+SCALE_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".weight_scale_2",
+                  ".pre_quant_scale", ".comfy_quant")
 MARKER = "scaled_fp8"
+
+
+def scale_key_of(weight_key: str, names) -> str | None:
+    """The per-tensor fp8 scale stored for `weight_key` (`X.weight`): ComfyUI's `X.scale_weight`, or the newer
+    `X.weight_scale`; None when the file has neither."""
+    if not weight_key.endswith("weight"):
+        return None
+    for key in (weight_key[: -len("weight")] + "scale_weight", weight_key + "_scale"):
+        if key in names:
+            return key
+    return None
 
 
 def split_prefix(names: list[str]) -> str:

@@ -216,6 +216,9 @@ def _fill(model, source, path: Path, dtype, keep_fp32: tuple[str, ...] = (), *, 
         module = modules[mod_name]
         stored = source.stored_dtype(name)
         shape = source.shape(name)
+        if stored is None or not stored.is_floating_point:  # int8 / 4-bit containers: read as numbers they are garbage
+            raise RequestError(f"{path.name}: {name} is stored as {source.index[name][1]}, a quantized layout WanStack "
+                               "does not read; use the bf16/fp16, fp8 (per-tensor scales) or GGUF version of this file")
         if tuple(shape) != tuple(param.shape):
             raise RequestError(f"{path.name}: tensor for {name} has shape {list(shape)}, the config expects "
                                f"{list(param.shape)}; the file does not match its detected type {model.__class__.__name__}")

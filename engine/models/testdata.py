@@ -64,7 +64,9 @@ def _config(module) -> dict:
 
 
 def write_transformer(module, path: Path, storage: str = "bf16", prefix: str = "") -> Path:
-    """One expert in original Wan names. storage: fp32 | bf16 | fp16 | fp8_e4m3fn | fp8_scaled."""
+    """One expert in original Wan names. storage: fp32 | bf16 | fp16 | fp8_e4m3fn | fp8_scaled | fp8_comfy_quant
+    (ComfyUI's newer mixed-precision layout: `weight_scale`, `input_scale` and a `comfy_quant` JSON blob per layer,
+    with the same scales as fp8_scaled) | int8 (a layout WanStack refuses: int8 weights, per-row scales)."""
     import torch
 
     from engine.models.fp8 import FP8_MAX
@@ -80,12 +82,22 @@ def write_transformer(module, path: Path, storage: str = "bf16", prefix: str = "
         if storage in cast:
             out[name] = t.to(cast[storage])
         elif k in linear:
-            if storage == "fp8_scaled":
+            base = name[: -len("weight")]
+            if storage in ("fp8_scaled", "fp8_comfy_quant"):
                 scale = (t.abs().max() / FP8_MAX).clamp(min=1e-12)
                 out[name] = (t / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-                base = name[: -len("weight")]
-                out[base + "scale_weight"] = scale.reshape(()).float()
-                out[base + "scale_input"] = torch.tensor(1.0)
+                if storage == "fp8_scaled":
+                    out[base + "scale_weight"] = scale.reshape(()).float()
+                    out[base + "scale_input"] = torch.tensor(1.0)
+                else:
+                    out[base + "weight_scale"] = scale.reshape(()).float()
+                    out[base + "input_scale"] = torch.tensor(1.0)
+                    out[base + "comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+            elif storage == "int8":
+                row = (t.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+                out[name] = (t / row).round().clamp(-127, 127).to(torch.int8)
+                out[base + "weight_scale"] = row.float()
+                out[base + "comfy_quant"] = torch.tensor(list(b'{"format": "int8_tensorwise"}'), dtype=torch.uint8)
             else:
                 out[name] = t.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         else:
