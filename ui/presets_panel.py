@@ -186,6 +186,9 @@ class PresetsPanel:
             if loaded.model.id != model_id:
                 status += f"; it is for {loaded.model.type}: press Load stack to switch to it"
                 return keep_editor + [picker(preset.name), status, preset.name]
+            said = describe_settings(loaded.preset.settings, loaded.model.spec)
+            if said:  # an import fills the stack only; Load also writes the preset's settings into the page
+                status += f"; it also sets {said}: press Load stack to put those in Settings"
             return ([rows, None] + self.editor.render(rows, loaded.model.spec, "; ".join(loaded.notes), report)
                     + [picker(preset.name), status, preset.name])
 

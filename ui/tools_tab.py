@@ -55,7 +55,14 @@ def merge_plan_markdown(ctx: UIContext, model_id: str | None, rows: list[dict]) 
     items = "\n".join(f"- `{r['file']}` × {r.get('weight', 1.0):g}"
                       + (f" on the {r['applies_to'].replace('_', '-')} expert" if r.get("applies_to", "both") != "both" else "")
                       for r in entries)
-    return f"Will merge into a copy of **{model_id}**:\n{items}"
+    view = next((m for m in ctx.models() if m.id == model_id), None)
+    storage = getattr(view, "storage", "") or ""
+    if storage.startswith("gguf"):
+        return (f"⚠ **{model_id}** is GGUF ({storage}): its quantized experts cannot take a baked LoRA. Generate with "
+                f"the stack instead (it is applied at run time), or merge into a bf16/fp8 version of the model.\n{items}")
+    where = ("a copy of" if (view is None or view.source == "diffusers")
+             else "a new recipe (expert files in their own storage) made from")
+    return f"Will merge into {where} **{model_id}**:\n{items}"
 
 
 def build_tools_tab(ctx: UIContext, tab, model, rows_state, default_model: str | None) -> None:
