@@ -211,7 +211,6 @@ class Workload:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if device == "cpu":
             return self._estimate_cpu(vae_tiling)
-        m = self.spec.memory
         b = DTYPE_BYTES[self.dtype]
         w = self.weights()
         act = self.activation_bytes()
