@@ -92,9 +92,14 @@ def test_one_progress_indicator_during_a_20_step_run_and_screenshots(wide_page):
     main.click("#generate")
     other.click("#generate")  # queued behind the first: says how many jobs are ahead
     wait_text(other, "#run-status", "waiting: 1 ahead", timeout_s=30)
-    main.wait_for_function("() => /step ([2-9]|1[0-9])\\/20/.test(document.querySelector('#run-status').innerText)",
-                           timeout=300_000)
-    seen = []
+    # the status and the progress elements of one frame mid-run (a 20-step demo run takes about a second, so the
+    # loop below may first look when it is already decoding)
+    mid_run = main.wait_for_function(
+        "() => { const t = document.querySelector('#run-status').innerText;"
+        f" return /step ([2-9]|1[0-9])\\/20/.test(t) ? [t, ({COUNT_PROGRESS_JS})()] : false; }}",
+        timeout=300_000).json_value()
+    seen = [(mid_run[0][:40], mid_run[1])]
+    assert len(mid_run[1]) <= 1, f"{len(mid_run[1])} progress indicators visible mid-run: {mid_run[1]}"
     deadline = time.monotonic() + 300
     shot_taken = False
     while time.monotonic() < deadline:
