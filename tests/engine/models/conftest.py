@@ -43,3 +43,34 @@ def _loaded_experts(engine, info):
 def loaded_experts():
     """`loaded_experts(engine, info)` -> (expert modules, spec, merge session) of a model as generate loads it."""
     return _loaded_experts
+
+
+class ExpertState:
+    """Byte snapshots of loaded experts (every parameter's bytes, every fp8 layer's scale), and their comparison."""
+
+    @staticmethod
+    def of(experts) -> dict:
+        import torch
+
+        out = {}
+        for e, m in experts.items():
+            for n, p in m.named_parameters():
+                out[(e, n)] = p.detach().reshape(-1).view(torch.uint8).clone()
+            for n, mod in m.named_modules():
+                if hasattr(mod, "weight_scale"):
+                    out[(e, n + ".scale")] = float(mod.weight_scale)
+        return out
+
+    @staticmethod
+    def assert_same(a: dict, b: dict) -> None:
+        import torch
+
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] == b[k]) if isinstance(a[k], float) else torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def expert_state():
+    """`expert_state.of(experts)` and `expert_state.assert_same(a, b)`."""
+    return ExpertState

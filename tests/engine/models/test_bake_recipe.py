@@ -30,28 +30,6 @@ def _stack(*entries):
     return Stack(tuple(LoraEntry(file=str(f), weight=w, applies_to=a) for f, w, a in entries))
 
 
-def _snapshot(experts):
-    import torch
-
-    out = {}
-    for e, m in experts.items():
-        for n, p in m.named_parameters():
-            out[(e, n)] = p.detach().reshape(-1).view(torch.uint8).clone()
-        for n, mod in m.named_modules():
-            if hasattr(mod, "weight_scale"):
-                out[(e, n + ".scale")] = float(mod.weight_scale)
-    return out
-
-
-def _equal(a, b):
-    import torch
-
-    assert a.keys() == b.keys()
-    for k in a:
-        same = a[k] == b[k] if isinstance(a[k], float) else torch.equal(a[k], b[k])
-        assert same, k
-
-
 def _big_lora(src: Path, out: Path, factor: float) -> Path:
     """The same LoRA with every tensor times `factor`: its merge outgrows fp8's range at the file's scale."""
     from safetensors.torch import load_file, save_file
@@ -61,7 +39,7 @@ def _big_lora(src: Path, out: Path, factor: float) -> Path:
 
 
 @pytest.mark.parametrize("storage", ["fp32", "fp8_scaled", "fp8_e4m3fn"])
-def test_baked_recipe_equals_the_in_memory_merge(env, storage, tmp_path, loaded_experts):
+def test_baked_recipe_equals_the_in_memory_merge(env, storage, tmp_path, loaded_experts, expert_state):
     from engine.lora.bake import merge_model
 
     engine, models, loras = env
@@ -79,11 +57,11 @@ def test_baked_recipe_equals_the_in_memory_merge(env, storage, tmp_path, loaded_
 
     experts, spec, session = loaded_experts(engine, info)
     session.apply(spec, stack, resolve=Path)
-    merged = _snapshot(experts)
+    merged = expert_state.of(experts)
     baked_info = {m.id: m for m in engine.model_infos(refresh=True)}[f"baked-{storage}"]
     assert baked_info.ok and baked_info.source == "recipe", baked_info.reason
     baked, _, _ = loaded_experts(engine, baked_info)
-    _equal(_snapshot(baked), merged)
+    expert_state.assert_same(expert_state.of(baked), merged)
     if storage.startswith("fp8"):
         # the big LoRA outgrew fp8 at the file's scale: the recomputed scale travels in the file (a plain fp8 file
         # gains scale_weight entries and ComfyUI's scaled_fp8 marker for them)

@@ -24,27 +24,6 @@ def quant_env(demo_model, demo_loras_dir, tmp_path_factory):
     return engine, models, root
 
 
-def _state(experts):
-    import torch
-
-    out = {}
-    for e, m in experts.items():
-        for n, p in m.named_parameters():
-            out[(e, n)] = p.detach().reshape(-1).view(torch.uint8).clone()
-        for n, mod in m.named_modules():
-            if hasattr(mod, "weight_scale"):
-                out[(e, n, "scale")] = float(mod.weight_scale)
-    return out
-
-
-def _same(a, b):
-    import torch
-
-    assert a.keys() == b.keys()
-    for k in a:
-        assert (a[k] == b[k]) if isinstance(a[k], float) else torch.equal(a[k], b[k]), k
-
-
 def test_listing_reads_the_layout_and_refuses_int8(quant_env):
     engine, _, _ = quant_env
     models = {m.id: m for m in engine.model_infos(refresh=True)}
@@ -54,7 +33,8 @@ def test_listing_reads_the_layout_and_refuses_int8(quant_env):
     assert bad and all(not m.ok and "int8" in m.reason and "use one of those versions" in m.reason for m in bad)
 
 
-def test_comfy_quant_loads_like_scaled_fp8_and_bakes_in_its_own_layout(quant_env, loaded_experts, tmp_path):
+def test_comfy_quant_loads_like_scaled_fp8_and_bakes_in_its_own_layout(quant_env, loaded_experts, expert_state,
+                                                                       tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -66,8 +46,9 @@ def test_comfy_quant_loads_like_scaled_fp8_and_bakes_in_its_own_layout(quant_env
     listed = {m.id: m for m in engine.model_infos(refresh=True)}
     scaled, _, _ = loaded_experts(engine, listed["wan2.2_t2v_14B_fp8_scaled"])
     cq_experts, spec, session = loaded_experts(engine, listed["wan2.2_t2v_14B_fp8_comfy_quant"])
-    _same(_state(cq_experts), _state(scaled))  # the scale was read: a layout ignoring it differs here
-    assert any(v != 1.0 for k, v in _state(cq_experts).items() if k[-1] == "scale")
+    # the scale was read: a loader ignoring `weight_scale` differs here
+    expert_state.assert_same(expert_state.of(cq_experts), expert_state.of(scaled))
+    assert any(v != 1.0 for k, v in expert_state.of(cq_experts).items() if k[-1].endswith(".scale"))
 
     lora = root / "loras" / "demo" / "anime-a14b-peft.safetensors"
     big = tmp_path / "big.safetensors"
@@ -77,7 +58,7 @@ def test_comfy_quant_loads_like_scaled_fp8_and_bakes_in_its_own_layout(quant_env
     merge_model(listed["wan2.2_t2v_14B_fp8_comfy_quant"], stack, out, resolve=Path)
     session.apply(spec, stack, resolve=Path)
     baked, _, _ = loaded_experts(engine, {m.id: m for m in engine.model_infos(refresh=True)}["cq-baked"])
-    _same(_state(baked), _state(cq_experts))
+    expert_state.assert_same(expert_state.of(baked), expert_state.of(cq_experts))
     header = read_header(out.with_name("cq-baked_low_noise.safetensors"))
     assert not any(k.endswith(".scale_weight") for k in header.tensors)  # the file keeps its own layout
     assert sum(k.endswith(".comfy_quant") for k in header.tensors) == sum(k.endswith(".weight_scale")
