@@ -32,7 +32,6 @@ def fp8_compute_problem(device) -> str | None:
 @functools.cache
 def _scaled_class(base):
     import torch
-    import torch.nn.functional as F
 
     class Fp8ScaledMMLinear(base):
         """Fp8Linear whose matmul runs in fp8 on the tensor cores when it can."""
@@ -60,13 +59,7 @@ def enable_fp8_compute(transformers) -> int:
     from engine.models.fp8 import fp8_linear_class
 
     base = fp8_linear_class()
-    n = 0
-    for module in transformers:
-        for sub in module.modules():
-            if type(sub) is base:
-                sub.__class__ = _scaled_class(base)
-                n += 1
-    return n
+    return _swap_class(transformers, base, _scaled_class(base))
 
 
 def disable_fp8_compute(transformers) -> int:
@@ -74,11 +67,15 @@ def disable_fp8_compute(transformers) -> int:
     from engine.models.fp8 import fp8_linear_class
 
     base = fp8_linear_class()
+    return _swap_class(transformers, _scaled_class(base), base)
+
+
+def _swap_class(transformers, old, new) -> int:
     n = 0
     for module in transformers:
         for sub in module.modules():
-            if type(sub) is _scaled_class(base):
-                sub.__class__ = base
+            if type(sub) is old:
+                sub.__class__ = new
                 n += 1
     return n
 
