@@ -37,6 +37,7 @@ def test_thirty_concurrent_generates(hostile_app):
     client.predict(**args, seed=2, api_name="/generate")
     proc = psutil.Process(hostile_app["proc"].pid)
     rss_before = proc.memory_info().rss
+    split_before = _rss_split(proc.pid)
 
     latencies: list[float] = []
     stop = threading.Event()
@@ -73,8 +74,21 @@ def test_thirty_concurrent_generates(hostile_app):
     rss_after = proc.memory_info().rss
     report = {"jobs": JOBS, "accepted": len(ok), "queue_full": len(full), "wall_s": round(wall, 1),
               "max_ping_s": round(max(latencies), 3), "pings": len(latencies),
-              "rss_before_mib": round(rss_before / 2**20, 1), "rss_after_mib": round(rss_after / 2**20, 1)}
+              "rss_before_mib": round(rss_before / 2**20, 1), "rss_after_mib": round(rss_after / 2**20, 1),
+              # anonymous (heap) vs file-backed (mapped weights, libraries) pages: which part moved, if one did
+              "rss_split_before_mib": split_before, "rss_split_after_mib": _rss_split(proc.pid)}
     out = Path(__file__).resolve().parents[2] / "test-artifacts" / "reliability"
     out.mkdir(parents=True, exist_ok=True)
     (out / "load.json").write_text(json.dumps(report))
     assert abs(rss_after - rss_before) <= 0.10 * rss_before, report
+
+
+def _rss_split(pid: int) -> dict[str, float]:
+    """RssAnon / RssFile / RssShmem of a process, in MiB (Linux /proc)."""
+    out = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                key, value = line.split(":", 1)
+                out[key] = round(int(value.split()[0]) / 1024, 1)
+    return out
